@@ -1,0 +1,1 @@
+"""sad-ray: Structured Agent Distillation on Ray."""
