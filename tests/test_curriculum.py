@@ -1,0 +1,167 @@
+"""The curriculum: complexity scores and the sampler (pure numpy, no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sad_ray.method.curriculum import CurriculumConfig, CurriculumSampler, bucket_entropy, complexity_scores
+
+
+def test_complexity_normalises_each_feature_and_weights_them():
+    reason = np.array([10, 20, 30])
+    act = np.array([5, 5, 5])  # constant: carries no order, contributes 0
+    ent = np.array([2.0, 1.0, 0.0])
+    scores = complexity_scores(reason, act, ent, weights=(1.0, 1.0, 1.0))
+    np.testing.assert_allclose(scores, [(0 + 0 + 1) / 3, (0.5 + 0 + 0.5) / 3, (1 + 0 + 0) / 3])
+    only_reason = complexity_scores(reason, act, ent, weights=(1.0, 0.0, 0.0))
+    np.testing.assert_allclose(only_reason, [0.0, 0.5, 1.0])
+
+
+@given(st.lists(st.tuples(st.integers(0, 500), st.integers(0, 50), st.floats(0, 10)), min_size=1, max_size=40))
+def test_complexity_is_in_unit_interval(rows):
+    r, a, e = map(np.array, zip(*rows))
+    scores = complexity_scores(r, a, e)
+    assert scores.shape == (len(rows),)
+    assert np.all(scores >= 0) and np.all(scores <= 1 + 1e-12)
+
+
+def test_complexity_rejects_non_finite():
+    with pytest.raises(ValueError, match="finite"):
+        complexity_scores([1, 2], [1, 2], [0.1, np.nan])
+
+
+def test_bucket_entropy_matches_the_full_entropy_when_nothing_is_left_in_the_tail():
+    p = np.array([[0.5, 0.25, 0.25]])
+    h = bucket_entropy(np.log(p), np.array([-np.inf]))
+    np.testing.assert_allclose(h, [-(p * np.log(p)).sum()])
+    # With a tail bucket the entropy counts the bucket once.
+    h2 = bucket_entropy(np.log(np.array([[0.5, 0.25]])), np.log(np.array([0.25])))
+    np.testing.assert_allclose(h2, h)
+
+
+def sampler(n=20, batch=4, replicas=1, rank=0, **kw):
+    cfg = CurriculumConfig(**{"c0": 0.25, "ramp_steps": 10, "seed": 3, **kw})
+    return CurriculumSampler(np.linspace(1.0, 0.0, n), cfg, global_batch_size=batch, num_replicas=replicas, rank=rank)
+
+
+def test_competence_opens_easy_first_and_reaches_everything():
+    s = sampler()
+    # complexity descends with the index, so the easiest examples are the last ones.
+    assert set(s.open_indices(0)) == set(range(15, 20))
+    assert s.competence(0) == pytest.approx(0.25)
+    assert s.competence(5) == pytest.approx(0.625)
+    assert s.competence(10) == 1.0 and s.competence(1000) == 1.0
+    assert set(s.open_indices(10)) == set(range(20))
+    sq = sampler(schedule="sqrt")
+    assert sq.competence(0) == pytest.approx(0.25) and sq.competence(5) > s.competence(5)
+    for _ in range(3):
+        assert set(s.next_batch()) <= set(s.open_indices(s.step - 1))
+
+
+def test_open_set_never_smaller_than_a_batch():
+    s = sampler(n=20, batch=8)  # c0 * n = 5 < 8
+    assert len(s.open_indices(0)) == 8
+    assert len(set(s.next_batch())) == 8
+
+
+def test_ranks_take_disjoint_slices_of_the_same_draw():
+    ranks = [sampler(batch=6, replicas=3, rank=r) for r in range(3)]
+    for _ in range(12):
+        parts = [s.next_batch() for s in ranks]
+        assert all(len(p) == 2 for p in parts)
+        flat = np.concatenate(parts)
+        assert len(set(flat.tolist())) == 6
+
+
+def test_deterministic_for_a_seed_and_different_for_another():
+    a, b, c = sampler(), sampler(), sampler(seed=4)
+    seq_a = [a.next_batch().tolist() for _ in range(15)]
+    seq_b = [b.next_batch().tolist() for _ in range(15)]
+    seq_c = [c.next_batch().tolist() for _ in range(15)]
+    assert seq_a == seq_b
+    assert seq_a != seq_c
+
+
+def test_reweighting_favours_examples_the_student_finds_hard():
+    s = sampler(ramp_steps=0, uniform_mix=0.1, temperature=0.5)
+    s.update(np.arange(20), np.where(np.arange(20) < 5, 5.0, 0.1))
+    idx, p = s.probabilities()
+    hard = p[np.isin(idx, np.arange(5))].sum()
+    assert hard > 0.8
+    counts = np.zeros(20)
+    for _ in range(200):
+        counts[s.next_batch()] += 1
+    assert counts[:5].sum() > counts[5:].sum()
+    # Every open example keeps a floor of probability.
+    assert p.min() >= 0.1 / 20 - 1e-12
+    flat = sampler(ramp_steps=0, reweight=False)
+    flat.update(np.arange(20), np.arange(20.0))
+    assert np.allclose(flat.probabilities()[1], 1 / 20)
+
+
+def test_running_loss_is_an_ema():
+    s = sampler(ema=0.5)
+    s.update(np.array([0]), np.array([4.0]))
+    s.update(np.array([0]), np.array([2.0]))
+    assert s.running_loss[0] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="finite"):
+        s.update(np.array([1]), np.array([np.inf]))
+    with pytest.raises(ValueError, match="outside"):
+        s.update(np.array([99]), np.array([1.0]))
+
+
+def test_state_round_trip_continues_the_same_sequence():
+    a = sampler()
+    for _ in range(4):
+        idx = a.next_batch()
+        a.update(idx, np.ones(len(idx)) * a.step)
+    state = a.state_dict()
+    expected = [a.next_batch().tolist() for _ in range(6)]
+    b = sampler()
+    b.load_state_dict(state)
+    assert [b.next_batch().tolist() for _ in range(6)] == expected
+    other = CurriculumSampler(np.linspace(0.0, 1.0, 20), a.cfg, 4)
+    with pytest.raises(ValueError, match="different data"):
+        other.load_state_dict(state)
+
+
+def test_stats_report_open_fraction_and_weight_entropy():
+    s = sampler(ramp_steps=0)
+    assert s.stats()["curriculum/open_fraction"] == 1.0
+    assert s.stats()["curriculum/weight_entropy"] == pytest.approx(1.0)
+    s.update(np.arange(20), np.arange(20.0))
+    assert s.stats()["curriculum/weight_entropy"] < 1.0
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"c0": 0.0}, "c0"), ({"weights": (0.0, 0.0, 0.0)}, "weights"), ({"temperature": 0.0}, "temperature"),
+     ({"ema": 1.0}, "ema"), ({"schedule": "cubic"}, "schedule"), ({"uniform_mix": 2.0}, "uniform_mix")],
+)
+def test_config_validation_names_the_field(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CurriculumConfig(**kw)
+
+
+def test_sampler_rejects_impossible_batches():
+    with pytest.raises(ValueError, match="multiple of num_replicas"):
+        sampler(batch=5, replicas=2)
+    with pytest.raises(ValueError, match="exceeds the dataset"):
+        sampler(n=3, batch=4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(4, 60), replicas=st.sampled_from([1, 2, 4]), seed=st.integers(0, 10), steps=st.integers(1, 30))
+def test_every_draw_is_unique_within_the_open_set(n, replicas, seed, steps):
+    batch = replicas
+    cfg = CurriculumConfig(c0=0.2, ramp_steps=10, seed=seed)
+    scores = np.random.default_rng(seed).random(n)
+    ranks = [CurriculumSampler(scores, cfg, batch, replicas, r) for r in range(replicas)]
+    for _ in range(steps):
+        opened = set(ranks[0].open_indices().tolist())
+        parts = np.concatenate([s.next_batch() for s in ranks])
+        assert len(set(parts.tolist())) == batch
+        assert set(parts.tolist()) <= opened

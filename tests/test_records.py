@@ -1,0 +1,170 @@
+"""The trajectory record: Parquet round trip, validation on read, resumable shard writing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sad_ray.records import (
+    SCHEMA,
+    RecordError,
+    ShardWriter,
+    TrajectoryRecord,
+    existing_ids,
+    read_records,
+    record_from_row,
+    shard_paths,
+    validate_row,
+    write_shard,
+)
+
+
+def topk_of(logits: np.ndarray, k: int):
+    """Top-k ids, sorted logprobs and the log tail mass of each row of logits (float64 reference)."""
+    lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    ids = np.argsort(-lp, axis=-1, kind="stable")[:, :k]
+    top = np.take_along_axis(lp, ids, axis=-1)
+    rest = 1.0 - np.exp(top).sum(-1)
+    tail = np.where(rest > 0, np.log(np.clip(rest, 1e-300, None)), -np.inf)
+    return ids.astype(np.int32), top.astype(np.float32), tail.astype(np.float32)
+
+
+def make_record(rid="r0", seed=0, length=24, vocab=50, k=5, split="train") -> TrajectoryRecord:
+    rng = np.random.default_rng(seed)
+    kind = rng.integers(0, 3, size=length)  # 0 none, 1 reason, 2 act
+    kind[0] = 0
+    kind[1] = 1
+    reason, act = kind == 1, kind == 2
+    n = int((reason | act).sum())
+    ids, lp, tail = topk_of(rng.normal(size=(n, vocab)) * 2, k)
+    return TrajectoryRecord(
+        id=rid, env="alfworld", task_type="pick_and_place_simple", split=split,
+        turns=({"role": "user", "content": "task"}, {"role": "assistant", "content": "Thought: x\nAction: y"}),
+        input_ids=rng.integers(0, vocab, size=length).astype(np.int32), reason_mask=reason, act_mask=act,
+        topk_ids=ids, topk_logprobs=lp, tail_logprob=tail, success=True, reward=1.0, steps=3,
+        teacher_entropy=1.5, complexity=0.4, teacher_model="starter", tokenizer_fingerprint="abc",
+    )
+
+
+def test_round_trip_keeps_every_field(tmp_path):
+    recs = [make_record(f"r{i}", seed=i) for i in range(5)]
+    write_shard(recs, tmp_path / "part-00000.parquet")
+    back = read_records(tmp_path)
+    assert [r.id for r in back] == [r.id for r in recs]
+    for a, b in zip(recs, back):
+        for name in ("input_ids", "reason_mask", "act_mask", "topk_ids", "topk_logprobs", "tail_logprob"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        assert a.turns == b.turns and a.top_k == b.top_k == 5
+        assert (a.reasoning_length, a.action_length) == (b.reasoning_length, b.action_length)
+        assert b.reasoning_length == int(b.reason_mask.sum())
+
+
+@settings(max_examples=25, deadline=None)
+@given(length=st.integers(3, 80), vocab=st.integers(8, 64), k=st.integers(1, 8), seed=st.integers(0, 1000))
+def test_any_valid_record_survives_parquet(tmp_path_factory, length, vocab, k, seed):
+    rec = make_record("x", seed=seed, length=length, vocab=vocab, k=min(k, vocab))
+    path = write_shard([rec], tmp_path_factory.mktemp("s") / "part-00000.parquet")
+    (back,) = read_records(path)
+    np.testing.assert_array_equal(back.topk_logprobs, rec.topk_logprobs)
+    assert back.topk_ids.shape == rec.topk_ids.shape
+
+
+def test_full_vocabulary_topk_has_an_empty_tail(tmp_path):
+    rec = make_record(k=50, vocab=50)
+    assert np.isneginf(rec.tail_logprob).all() or (rec.tail_logprob < -10).all()
+    write_shard([rec], tmp_path / "part-00000.parquet")
+    assert read_records(tmp_path)[0].top_k == 50
+
+
+def broken(mutate) -> dict:
+    row = make_record("bad-1").to_row()
+    mutate(row)
+    return row
+
+
+@pytest.mark.parametrize(
+    "field, mutate",
+    [
+        ("act_mask", lambda r: r.__setitem__("act_mask", r["act_mask"][:-1])),
+        ("act_mask", lambda r: r["act_mask"].__setitem__(1, True)),  # position 1 is reason too: overlap
+        ("reason_mask", lambda r: (r["reason_mask"].__setitem__(0, True), r.__setitem__("reasoning_length", r["reasoning_length"] + 1))),
+        ("topk_logprobs", lambda r: r["topk_logprobs"].__setitem__(0, np.nan)),
+        ("topk_logprobs", lambda r: r.__setitem__("topk_logprobs", r["topk_logprobs"].reshape(-1, 5)[:, ::-1].reshape(-1).copy())),
+        ("topk_ids", lambda r: r.__setitem__("topk_ids", r["topk_ids"][:-5])),
+        ("topk_ids", lambda r: r["topk_ids"].__setitem__(1, r["topk_ids"][0])),
+        ("tail_logprob", lambda r: r.__setitem__("tail_logprob", r["tail_logprob"] + 0.5)),
+        ("tail_logprob", lambda r: r.__setitem__("tail_logprob", r["tail_logprob"][:-1])),
+        ("reasoning_length", lambda r: r.__setitem__("reasoning_length", 0)),
+        ("split", lambda r: r.__setitem__("split", "training")),
+        ("schema_version", lambda r: r.__setitem__("schema_version", 99)),
+        ("teacher_entropy", lambda r: r.__setitem__("teacher_entropy", float("inf"))),
+        ("id", lambda r: r.__setitem__("id", "")),
+        ("turns", lambda r: r.__setitem__("turns", [{"role": "user"}])),
+        ("tokenizer_fingerprint", lambda r: r.pop("tokenizer_fingerprint")),
+    ],
+)
+def test_validation_names_the_record_and_the_field(field, mutate):
+    with pytest.raises(RecordError) as err:
+        validate_row(broken(mutate), "shard.parquet")
+    assert err.value.field == field
+    assert "shard.parquet" in str(err.value)
+    if field != "id":
+        assert err.value.record_id == "bad-1" and "'bad-1'" in str(err.value)
+
+
+def test_a_bad_record_in_a_file_is_reported_not_used(tmp_path):
+    good = [make_record(f"g{i}", seed=i).to_row() for i in range(3)]
+    bad = broken(lambda r: r["topk_logprobs"].__setitem__(3, np.inf))
+    pq.write_table(pa.Table.from_pylist(good[:2] + [bad] + good[2:], schema=SCHEMA), tmp_path / "part-00000.parquet")
+    with pytest.raises(RecordError, match="'bad-1'.*topk_logprobs"):
+        read_records(tmp_path)
+    from sad_ray.records import iter_records
+
+    problems: list[RecordError] = []
+    kept = list(iter_records(tmp_path, on_error="skip", problems=problems))
+    assert [r.id for r in kept] == ["g0", "g1", "g2"]
+    assert [p.record_id for p in problems] == ["bad-1"]
+
+
+def test_foreign_and_old_files_are_refused_with_the_file_named(tmp_path):
+    pq.write_table(pa.table({"id": ["a"]}), tmp_path / "part-00000.parquet")
+    with pytest.raises(RecordError, match="part-00000.parquet.*schema version"):
+        read_records(tmp_path)
+    old = SCHEMA.with_metadata({b"sad_ray.schema_version": b"0"})
+    pq.write_table(pa.Table.from_pylist([make_record().to_row()], schema=old), tmp_path / "part-00000.parquet")
+    with pytest.raises(RecordError, match="version 0"):
+        read_records(tmp_path)
+    (tmp_path / "part-00000.parquet").write_text("not parquet")
+    with pytest.raises(RecordError, match="not a readable Parquet"):
+        read_records(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        read_records(tmp_path / "nowhere")
+
+
+def test_writer_refuses_invalid_records_and_keeps_what_was_written(tmp_path):
+    with pytest.raises(RecordError):
+        with ShardWriter(tmp_path, records_per_shard=2) as w:
+            for i in range(3):
+                w.add(make_record(f"r{i}", seed=i))
+            w.add(record_from_row(make_record("r3").to_row()).with_complexity(float("nan")))
+    # The two full shards and the buffered, already validated record are on disk.
+    assert [p.name for p in shard_paths(tmp_path)] == ["part-00000.parquet", "part-00001.parquet"]
+    assert existing_ids(tmp_path) == {"r0", "r1", "r2"}
+
+
+def test_rerun_continues_shard_numbers_and_knows_what_is_done(tmp_path):
+    with ShardWriter(tmp_path, records_per_shard=2) as w:
+        for i in range(3):
+            w.add(make_record(f"r{i}", seed=i))
+    done = existing_ids(tmp_path)
+    with ShardWriter(tmp_path, records_per_shard=2) as w:
+        for i in range(5):
+            if f"r{i}" not in done:
+                w.add(make_record(f"r{i}", seed=i))
+    assert [p.name for p in shard_paths(tmp_path)] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert sorted(r.id for r in read_records(tmp_path)) == [f"r{i}" for i in range(5)]
+    assert not list(tmp_path.glob(".*tmp*"))
