@@ -1,0 +1,173 @@
+"""The distillation job's stages, wired together: models -> teacher records -> student training.
+
+Each stage records itself in MLflow as a child run and leaves its output in `paths.output_dir`, where a rerun
+finds it: records already written are skipped, a finished student is not trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from sad_ray import tracking
+from sad_ray.config import Config
+from sad_ray.envs.seed import seed_episodes
+from sad_ray.method.curriculum import complexity_scores
+from sad_ray.records import ShardWriter, existing_ids, read_records, write_jsonl
+from sad_ray.rollout.score import Episode, ScoreReport, score_episodes
+
+log = logging.getLogger(__name__)
+
+
+def load_episodes(path: str | Path) -> Iterator[Episode]:
+    """Episodes from a JSON-lines file; a bad line is an error naming the file, the line and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.trajectories: no file at {path}")
+    required = {"id": str, "env": str, "task_type": str, "split": str, "turns": list}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object per line")
+            for name, kind in required.items():
+                if not isinstance(row.get(name), kind):
+                    raise ValueError(f"{path}:{lineno}: field {name!r} must be a {kind.__name__}, got {row.get(name)!r}")
+            yield Episode(
+                id=row["id"], env=row["env"], task_type=row["task_type"], split=row["split"], turns=row["turns"],
+                success=bool(row.get("success", True)), reward=float(row.get("reward", 1.0)),
+                steps=int(row.get("steps", sum(t.get("role") == "assistant" for t in row["turns"] if isinstance(t, dict)))),
+            )
+
+
+def episodes_for(cfg: Config) -> list[Episode]:
+    if cfg.data.trajectories:
+        return list(load_episodes(cfg.data.trajectories))
+    return [
+        Episode(id=e.id, env="seed-household", task_type=e.task_type, split=e.split, turns=e.turns, steps=e.steps)
+        for e in seed_episodes(cfg.data.seed_episodes)
+    ]
+
+
+def stage_models(cfg: Config, out: Path) -> tuple[Path, Path, int]:
+    """Teacher and student directories and the shared vocabulary size."""
+    from sad_ray.models.starter import resolve_model
+    from sad_ray.models.student import build_student
+    from sad_ray.models.tokenizers import check_compatible
+
+    cache = Path(cfg.paths.cache_dir).expanduser()
+    with tracking.stage_run("models"):
+        teacher = resolve_model(cfg.models.teacher, cache)
+        if cfg.models.student:
+            student = resolve_model(cfg.models.student, cache)
+        else:
+            student = out / "student-init"
+            info_path = student / "sad_ray_student.json"
+            if not info_path.exists():
+                info = build_student(teacher, student, cfg.models.student_layers, cfg.models.trust_remote_code)
+                tracking.log_metrics({"teacher_params": info.teacher_params, "student_params": info.student_params})
+        vocab = check_compatible(teacher, student, cfg.models.trust_remote_code)
+        tracking.log_metrics({"shared_vocab": vocab})
+    return teacher, student, vocab
+
+
+def stage_records(cfg: Config, teacher: Path, records_dir: Path) -> ScoreReport:
+    """Score every episode not yet written with the teacher and write validated record shards."""
+    from transformers import AutoTokenizer
+
+    from sad_ray.models.tokenizers import tokenizer_fingerprint
+    from sad_ray.rollout.engines import HFTeacherEngine
+
+    report = ScoreReport()
+    with tracking.stage_run("records", {"top_k": cfg.records.top_k, "format": cfg.segment.format}):
+        done = existing_ids(records_dir)
+        todo = [e for e in episodes_for(cfg) if e.id not in done]
+        log.info("records: %d episodes to score, %d already written", len(todo), len(done))
+        if todo:
+            tokenizer = AutoTokenizer.from_pretrained(teacher, trust_remote_code=cfg.models.trust_remote_code)
+            engine = HFTeacherEngine(teacher, trust_remote_code=cfg.models.trust_remote_code)
+            with ShardWriter(records_dir, cfg.records.records_per_shard) as writer:
+                for record in score_episodes(
+                    todo, tokenizer, engine, fmt=cfg.segment.format, top_k=cfg.records.top_k,
+                    fingerprint=tokenizer_fingerprint(tokenizer), on_unparsed=cfg.segment.on_unparsed,
+                    drop_with_issues=cfg.segment.drop_trajectories_with_issues, max_tokens=cfg.data.max_tokens,
+                    report=report,
+                ):
+                    writer.add(record)
+        tracking.log_metrics({
+            "records_written": report.kept, "records_total": len(done) + report.kept,
+            **{f"dropped/{k}": v for k, v in report.dropped.items()},
+            **{f"segmentation/{k}": v for k, v in report.segmentation_issues.items()},
+        })
+    return report
+
+
+def stage_train(cfg: Config, records_dir: Path, student_init: Path, vocab: int, out: Path) -> dict:
+    import mlflow
+
+    from sad_ray.train.local import train_local
+
+    final = out / "student"
+    summary_path = final / "sad_ray_train.json"
+    if summary_path.exists():
+        log.info("train: %s already holds a trained student; skipping", final)
+        return json.loads(summary_path.read_text())
+    with tracking.stage_run("train", {"objective": cfg.loss.objective}):
+        records = [r for r in read_records(records_dir) if r.split == "train"]
+        if not records:
+            raise ValueError(f"no training records in {records_dir}")
+        complexity = complexity_scores(
+            np.array([r.reasoning_length for r in records]), np.array([r.action_length for r in records]),
+            np.array([r.teacher_entropy for r in records]), cfg.curriculum.weights,
+        )
+        sample = [{**r.to_row(), "complexity": float(c)} for r, c in list(zip(records, complexity))[:3]]
+        write_jsonl(sample, out / "records_sample.jsonl")
+        mlflow.log_artifact(str(out / "records_sample.jsonl"))
+        model, summary = train_local(
+            records, student_init, cfg.loss, cfg.curriculum, steps=cfg.train.steps,
+            batch_size=cfg.train.batch_size, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+            grad_clip=cfg.train.grad_clip, seed=cfg.train.seed, vocab_size=vocab,
+            on_metrics=lambda m, step: tracking.log_metrics(m, step=step),
+        )
+        from transformers import AutoTokenizer
+
+        tmp = out / ".student.tmp"
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(student_init).save_pretrained(tmp)
+        (tmp / "sad_ray_train.json").write_text(json.dumps(asdict(summary), indent=2))
+        tmp.rename(final)
+        tracking.log_metrics({"train/first_loss": summary.first_loss, "train/last_loss": summary.last_loss,
+                              "train/tokens_per_second": summary.tokens_per_second})
+    return asdict(summary)
+
+
+def run_distill(cfg: Config) -> dict:
+    """The main job on whatever stages exist; returns a summary for the caller to print."""
+    import torch
+
+    torch.set_num_threads(cfg.train.threads)
+    out = Path(cfg.paths.output_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    with tracking.job_run(cfg, "distill") as run:
+        teacher, student_init, vocab = stage_models(cfg, out)
+        report = stage_records(cfg, teacher, out / "records")
+        summary = stage_train(cfg, out / "records", student_init, vocab, out)
+        return {
+            "mlflow_run_id": run.info.run_id,
+            "teacher": str(teacher),
+            "student": str(out / "student"),
+            "records": str(out / "records"),
+            "records_written_now": report.kept,
+            "dropped": dict(report.dropped),
+            "train": summary,
+        }

@@ -1,0 +1,1 @@
+"""Teacher engines and the stage that turns teacher trajectories into trajectory records."""

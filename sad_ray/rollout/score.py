@@ -1,0 +1,78 @@
+"""Turn finished teacher chats into trajectory records: segment, build masks, score with the teacher."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sad_ray.method.curriculum import bucket_entropy
+from sad_ray.method.masks import build_masks
+from sad_ray.records import TrajectoryRecord
+from sad_ray.rollout.engines import TeacherEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Episode:
+    """A finished chat with its outcome, as an environment rollout or a demonstration file gives it."""
+
+    id: str
+    env: str
+    task_type: str
+    split: str
+    turns: Sequence[dict[str, str]]
+    success: bool = True
+    reward: float = 1.0
+    steps: int = 0
+
+
+@dataclass
+class ScoreReport:
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    segmentation_issues: Counter = field(default_factory=Counter)
+
+
+def score_episodes(
+    episodes: Iterable[Episode],
+    tokenizer,
+    engine: TeacherEngine,
+    *,
+    fmt: str,
+    top_k: int,
+    fingerprint: str,
+    on_unparsed: str = "reason",
+    drop_with_issues: bool = False,
+    max_tokens: int = 1024,
+    report: ScoreReport | None = None,
+) -> Iterator[TrajectoryRecord]:
+    """Records for the episodes that pass; every drop is counted by reason in `report`."""
+    report = report if report is not None else ScoreReport()
+    for ep in episodes:
+        masks = build_masks(tokenizer, list(ep.turns), fmt, on_unparsed=on_unparsed)
+        report.segmentation_issues.update(masks.issues)
+        sup = masks.reason_mask | masks.act_mask
+        if drop_with_issues and sum(masks.issues.values()):
+            report.dropped["segmentation_issue"] += 1
+            continue
+        if not sup.any():
+            report.dropped["nothing_supervised"] += 1
+            continue
+        if len(masks.input_ids) > max_tokens:
+            report.dropped["too_long"] += 1
+            continue
+        ((ids, lp, tail),) = engine.score([masks.input_ids], [sup], top_k)
+        report.kept += 1
+        yield TrajectoryRecord(
+            id=ep.id, env=ep.env, task_type=ep.task_type, split=ep.split, turns=tuple(ep.turns),
+            input_ids=masks.input_ids, reason_mask=masks.reason_mask, act_mask=masks.act_mask,
+            topk_ids=ids, topk_logprobs=lp, tail_logprob=tail, success=ep.success, reward=ep.reward,
+            steps=ep.steps, teacher_entropy=float(np.mean(bucket_entropy(lp, tail))),
+            # Provisional: complexity is normalised over a dataset, so the trainer recomputes it over its own.
+            complexity=0.0, teacher_model=engine.model_id, tokenizer_fingerprint=fingerprint,
+        )

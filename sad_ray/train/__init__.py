@@ -1,0 +1,1 @@
+"""Student training on trajectory records."""
