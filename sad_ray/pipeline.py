@@ -130,7 +130,7 @@ def stage_train(cfg: Config, records_dir: Path, student_init: Path, vocab: int, 
             np.array([r.reasoning_length for r in records]), np.array([r.action_length for r in records]),
             np.array([r.teacher_entropy for r in records]), cfg.curriculum.weights,
         )
-        sample = [{**r.to_row(), "complexity": float(c)} for r, c in list(zip(records, complexity))[:3]]
+        sample = [{**r.to_row(), "complexity": float(c)} for r, c in list(zip(records, complexity, strict=True))[:3]]
         write_jsonl(sample, out / "records_sample.jsonl")
         mlflow.log_artifact(str(out / "records_sample.jsonl"))
         model, summary = train_local(

@@ -22,7 +22,7 @@ def test_complexity_normalises_each_feature_and_weights_them():
 
 @given(st.lists(st.tuples(st.integers(0, 500), st.integers(0, 50), st.floats(0, 10)), min_size=1, max_size=40))
 def test_complexity_is_in_unit_interval(rows):
-    r, a, e = map(np.array, zip(*rows))
+    r, a, e = map(np.array, zip(*rows, strict=False))
     scores = complexity_scores(r, a, e)
     assert scores.shape == (len(rows),)
     assert np.all(scores >= 0) and np.all(scores <= 1 + 1e-12)

@@ -55,7 +55,7 @@ def test_round_trip_keeps_every_field(tmp_path):
     write_shard(recs, tmp_path / "part-00000.parquet")
     back = read_records(tmp_path)
     assert [r.id for r in back] == [r.id for r in recs]
-    for a, b in zip(recs, back):
+    for a, b in zip(recs, back, strict=False):
         for name in ("input_ids", "reason_mask", "act_mask", "topk_ids", "topk_logprobs", "tail_logprob"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
         assert a.turns == b.turns and a.top_k == b.top_k == 5

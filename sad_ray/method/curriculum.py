@@ -179,7 +179,7 @@ class CurriculumSampler:
             raise ValueError(f"an index is outside the dataset of {self.size} examples")
         if not np.isfinite(losses).all():
             raise ValueError("per-example losses must be finite")
-        for i, loss in zip(indices, losses):
+        for i, loss in zip(indices, losses, strict=False):
             old = self.running_loss[i]
             self.running_loss[i] = loss if np.isnan(old) else self.cfg.ema * old + (1 - self.cfg.ema) * loss
 

@@ -42,7 +42,7 @@ class HFTeacherEngine:
     @torch.inference_mode()
     def score(self, sequences: Sequence[np.ndarray], supervised: Sequence[np.ndarray], k: int) -> list[TopK]:
         out: list[TopK] = []
-        for ids, sup in zip(sequences, supervised):
+        for ids, sup in zip(sequences, supervised, strict=True):
             ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))[None]  # [1, T]
             logits = self.model(input_ids=ids_t).logits[0, :-1].float()  # [T-1, V]: row t-1 predicts token t
             rows = torch.as_tensor(np.asarray(sup, dtype=bool)[1:])
