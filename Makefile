@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sad-ray-installed
-EXTRAS ?= cpu,dev
+EXTRAS ?= cpu,envs,dev
 
 .PHONY: demo test install bench lint
 

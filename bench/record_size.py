@@ -23,12 +23,13 @@ import torch  # noqa: E402
 def main() -> int:
     from transformers import AutoTokenizer
 
+    from sad_ray.envs.base import Episode
     from sad_ray.envs.seed import seed_episodes
     from sad_ray.models.starter import provision_starter
     from sad_ray.models.tokenizers import tokenizer_fingerprint
     from sad_ray.records import write_shard
     from sad_ray.rollout.engines import HFTeacherEngine
-    from sad_ray.rollout.score import Episode, score_episodes
+    from sad_ray.rollout.score import score_episodes
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--episodes", type=int, default=8)

@@ -16,10 +16,11 @@ import numpy as np
 
 from sad_ray import tracking
 from sad_ray.config import Config
+from sad_ray.envs.base import Episode
 from sad_ray.envs.seed import seed_episodes
 from sad_ray.method.curriculum import complexity_scores
 from sad_ray.records import ShardWriter, existing_ids, read_records, write_jsonl
-from sad_ray.rollout.score import Episode, ScoreReport, score_episodes
+from sad_ray.rollout.score import ScoreReport, score_episodes
 
 log = logging.getLogger(__name__)
 

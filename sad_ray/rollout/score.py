@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from sad_ray.envs.base import Episode
 from sad_ray.method.curriculum import bucket_entropy
 from sad_ray.method.masks import build_masks
 from sad_ray.records import TrajectoryRecord
 from sad_ray.rollout.engines import TeacherEngine
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Episode:
-    """A finished chat with its outcome, as an environment rollout or a demonstration file gives it."""
-
-    id: str
-    env: str
-    task_type: str
-    split: str
-    turns: Sequence[dict[str, str]]
-    success: bool = True
-    reward: float = 1.0
-    steps: int = 0
 
 
 @dataclass

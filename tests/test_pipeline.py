@@ -1,0 +1,119 @@
+"""The distill job end to end on the embedded default, shrunk: real teacher, real student, real MLflow store."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from sad_ray.config import load_config
+from sad_ray.pipeline import load_episodes, run_distill
+from sad_ray.records import read_records
+from tests.conftest import cache_dir
+
+
+def small_config(tmp_path, *extra):
+    return load_config(None, [
+        f"paths.cache_dir={cache_dir()}", f"paths.output_dir={tmp_path / 'out'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=test",
+        "data.seed_episodes=4", "models.student_layers=2", "records.top_k=8", "records.records_per_shard=3",
+        "train.steps=3", "train.batch_size=2", "curriculum.ramp_steps=2", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distill")
+    cfg = small_config(tmp)
+    return tmp, cfg, run_distill(cfg)
+
+
+def test_the_job_writes_validated_records_and_a_student(first_run):
+    tmp, cfg, summary = first_run
+    records = read_records(tmp / "out" / "records")
+    assert sorted(r.id for r in records) == [f"seed-train-{i}" for i in range(4)]
+    assert len(list((tmp / "out" / "records").glob("part-*.parquet"))) == 2  # 3 + 1 records
+    for r in records:
+        assert r.reasoning_length > 0 and r.action_length > 0 and r.top_k == 8
+        assert r.teacher_entropy > 0
+    assert summary["records_written_now"] == 4
+    assert summary["train"]["steps"] == 3
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tmp / "out" / "student")
+    assert student.config.num_hidden_layers == 2
+
+
+def test_every_stage_is_a_child_run_in_mlflow(first_run):
+    tmp, cfg, summary = first_run
+    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+    client = mlflow.MlflowClient()
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.data.params["loss.objective"] == "sad"
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    by_stage = {c.data.tags["sad_ray.stage"]: c for c in children}
+    assert set(by_stage) == {"models", "records", "train"}
+    assert by_stage["records"].data.metrics["records_written"] == 4
+    assert by_stage["models"].data.metrics["student_params"] < by_stage["models"].data.metrics["teacher_params"]
+    history = client.get_metric_history(by_stage["train"].info.run_id, "loss_cot")
+    assert [m.step for m in history] == [0, 1, 2]
+    assert "curriculum/open_fraction" in by_stage["train"].data.metrics
+
+
+def test_a_rerun_resumes_instead_of_redoing(first_run):
+    tmp, cfg, summary = first_run
+    again = run_distill(cfg)
+    assert again["records_written_now"] == 0
+    assert again["train"] == summary["train"]
+    assert again["mlflow_run_id"] == summary["mlflow_run_id"]
+    assert len(read_records(tmp / "out" / "records")) == 4
+
+
+def test_more_episodes_on_a_rerun_add_only_the_new_ones(first_run, tmp_path):
+    tmp, cfg, _ = first_run
+    # Same output folder, two more episodes: only those are scored.
+    bigger = small_config(tmp, "data.seed_episodes=6")
+    import shutil
+
+    shutil.rmtree(tmp / "out" / "student")
+    summary = run_distill(bigger)
+    assert summary["records_written_now"] == 2
+    assert len(read_records(tmp / "out" / "records")) == 6
+
+
+def test_bad_trajectory_files_are_named_with_line_and_field(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"id": "a", "env": "x", "task_type": "t", "split": "train", "turns": []}) + "\n"
+                    + json.dumps({"id": "b", "env": "x", "task_type": "t", "split": "train", "turns": "oops"}) + "\n")
+    with pytest.raises(ValueError, match=r"chats.jsonl:2: field 'turns' must be a list"):
+        list(load_episodes(path))
+    path.write_text("{not json\n")
+    with pytest.raises(ValueError, match=r"chats.jsonl:1: not valid JSON"):
+        list(load_episodes(path))
+    cfg = small_config(tmp_path, f"data.trajectories={tmp_path / 'missing.jsonl'}")
+    with pytest.raises(FileNotFoundError, match="data.trajectories"):
+        run_distill(cfg)
+
+
+def test_hf_engine_scores_match_the_full_distribution(starter_dir, starter_tokenizer):
+    from sad_ray.envs.seed import seed_episode
+    from sad_ray.method.masks import build_masks
+    from sad_ray.rollout.engines import HFTeacherEngine
+
+    engine = HFTeacherEngine(starter_dir)
+    m = build_masks(starter_tokenizer, list(seed_episode(1).turns), "react")
+    sup = m.reason_mask | m.act_mask
+    ((ids, lp, tail),) = engine.score([m.input_ids], [sup], 20)
+    assert ids.shape == (int(sup.sum()), 20)
+    with torch.inference_mode():
+        logits = engine.model(input_ids=torch.as_tensor(m.input_ids[None], dtype=torch.long)).logits[0, :-1]
+    full = torch.log_softmax(logits.double(), -1)[torch.as_tensor(sup[1:])]
+    ref_lp, ref_ids = full.topk(20, dim=-1)
+    np.testing.assert_array_equal(ids, ref_ids.numpy())
+    np.testing.assert_allclose(lp, ref_lp.numpy(), atol=1e-4)
+    np.testing.assert_allclose(np.exp(tail), 1 - ref_lp.exp().sum(-1).numpy(), atol=1e-4)
