@@ -68,7 +68,9 @@ def demonstration(env: Environment, task: Task, few_shot: Sequence[Episode] = ()
              {"role": "user", "content": observation}]
     result = None
     steps = env.expert_steps(task)
-    for n, step in enumerate(steps, 1):
+    played = 0
+    for step in steps:
+        played += 1
         turns.append({"role": "assistant", "content": assistant_turn(step.thought, step.action)})
         result = env.step(step.action)
         if result.done:
@@ -78,4 +80,4 @@ def demonstration(env: Environment, task: Task, few_shot: Sequence[Episode] = ()
     if not won:
         raise RuntimeError(f"the {env.name} expert did not win task {task.id} ({len(steps)} steps)")
     return Episode(id=task.id, env=env.name, task_type=task.task_type, split=task.split, turns=tuple(turns),
-                   success=True, reward=float(result.reward), steps=n)
+                   success=True, reward=float(result.reward), steps=played)
