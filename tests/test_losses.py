@@ -471,7 +471,22 @@ def test_bfloat16_logits():
 
 
 def test_loss_output_is_a_named_tuple():
-    assert LossOutput._fields == ("loss", "loss_cot", "loss_act", "loss_ce", "n_reason", "n_act")
+    assert LossOutput._fields == ("loss", "loss_cot", "loss_act", "loss_ce", "n_reason", "n_act", "per_token")
+
+
+@pytest.mark.parametrize("objective", ["sad", "token_kd", "sft"])
+def test_per_token_is_the_training_loss_of_each_row(objective):
+    batch = make_batch(5)
+    out = distillation_loss(**batch, cfg=LossConfig(objective=objective, ce_weight=0.5))
+    d, is_reason = per_row(batch)
+    sup = (batch["reason_mask"] | batch["act_mask"])[:, 1:]
+    rows = batch["student_logits"][:, :-1][sup].detach()
+    ce = -torch.log_softmax(rows, -1).gather(-1, batch["input_ids"][:, 1:][sup][:, None]).squeeze(-1)
+    assert out.per_token.shape == d.shape and not out.per_token.requires_grad
+    expected = (1.5 * ce) if objective == "sft" else (d.detach() + 0.5 * ce)
+    torch.testing.assert_close(out.per_token, expected.to(out.per_token.dtype))
+    if objective != "sft":
+        torch.testing.assert_close((out.per_token - 0.5 * ce)[is_reason].mean(), out.loss_cot)
 
 
 # --- LossConfig -------------------------------------------------------------------------------------
