@@ -117,5 +117,9 @@ class Environment(ABC):
         self._done = done
         return StepResult(result.observation, result.reward, done, info)
 
+    def admissible_actions(self) -> list[str] | None:
+        """The actions valid in the current state, where the environment knows them (None otherwise)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
