@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/loss_cost.py
 	$(PY) bench/record_size.py
+	$(PY) bench/envs.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sad_ray jobs tests bench
