@@ -52,12 +52,29 @@ def load_episodes(path: str | Path) -> Iterator[Episode]:
 
 
 def episodes_for(cfg: Config) -> list[Episode]:
-    if cfg.data.trajectories:
+    if cfg.data.source == "jsonl":
         return list(load_episodes(cfg.data.trajectories))
-    return [
-        Episode(id=e.id, env="seed-household", task_type=e.task_type, split=e.split, turns=e.turns, steps=e.steps)
-        for e in seed_episodes(cfg.data.seed_episodes)
-    ]
+    if cfg.data.source == "seed":
+        return [
+            Episode(id=e.id, env="seed-household", task_type=e.task_type, split=e.split, turns=e.turns, steps=e.steps)
+            for e in seed_episodes(cfg.data.seed_episodes)
+        ]
+    return list(demonstrations(cfg))
+
+
+def demonstrations(cfg: Config) -> Iterator[Episode]:
+    """Expert demonstrations in ReAct form from the training split of each configured environment."""
+    from sad_ray.envs import make_env
+    from sad_ray.envs.react import demonstration
+
+    for name in cfg.data.envs:
+        kwargs = {"cache_dir": Path(cfg.paths.cache_dir).expanduser() / "alfworld"} if name == "alfworld" else {}
+        env = make_env(name, **kwargs)
+        try:
+            for task in env.tasks("train", cfg.data.episodes_per_env):
+                yield demonstration(env, task)
+        finally:
+            env.close()
 
 
 def stage_models(cfg: Config, out: Path) -> tuple[Path, Path, int]:

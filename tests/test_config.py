@@ -55,6 +55,8 @@ def test_round_trip_through_yaml(tmp_path):
         ("train=3", r"train must be a mapping"),
         ("train.steps.x=3", r"train\.steps must be an integer"),
         ("nonsense", r"key\.sub=value"),
+        ("data.source=jsonl", r"data: source 'jsonl' needs trajectories"),
+        ("data.envs=[alfworld, minecraft]", r"data: envs must name some of alfworld, webshop, hotpotqa"),
     ],
 )
 def test_bad_overrides_name_the_key(override, match):

@@ -19,7 +19,8 @@ def small_config(tmp_path, *extra):
     return load_config(None, [
         f"paths.cache_dir={cache_dir()}", f"paths.output_dir={tmp_path / 'out'}",
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=test",
-        "data.seed_episodes=4", "models.student_layers=2", "records.top_k=8", "records.records_per_shard=3",
+        "data.source=demos", "data.envs=[webshop, hotpotqa]", "data.episodes_per_env=2", "data.max_tokens=1600",
+        "models.student_layers=2", "records.top_k=8", "records.records_per_shard=2",
         "train.steps=3", "train.batch_size=2", "curriculum.ramp_steps=2", *extra,
     ])
 
@@ -34,12 +35,18 @@ def first_run(tmp_path_factory):
 def test_the_job_writes_validated_records_and_a_student(first_run):
     tmp, cfg, summary = first_run
     records = read_records(tmp / "out" / "records")
-    assert sorted(r.id for r in records) == [f"seed-train-{i}" for i in range(4)]
-    assert len(list((tmp / "out" / "records").glob("part-*.parquet"))) == 2  # 3 + 1 records
+    from sad_ray.envs import make_env
+
+    expected = {t.id for name in ("webshop", "hotpotqa") for t in make_env(name).tasks("train", 2)}
+    # webshop/train/one_option/1 renders to 1,695 tokens: over data.max_tokens, dropped and counted.
+    assert {r.id for r in records} == expected - {"webshop/train/one_option/1"} and len(expected) == 4
+    assert {r.env for r in records} == {"webshop", "hotpotqa"}
+    assert len(list((tmp / "out" / "records").glob("part-*.parquet"))) == 2  # 2 + 1 records
     for r in records:
         assert r.reasoning_length > 0 and r.action_length > 0 and r.top_k == 8
         assert r.teacher_entropy > 0
-    assert summary["records_written_now"] == 4
+    assert summary["records_written_now"] == 3
+    assert summary["dropped"] == {"too_long": 1}
     assert summary["train"]["steps"] == 3
     from transformers import AutoModelForCausalLM
 
@@ -58,7 +65,8 @@ def test_every_stage_is_a_child_run_in_mlflow(first_run):
     )
     by_stage = {c.data.tags["sad_ray.stage"]: c for c in children}
     assert set(by_stage) == {"models", "records", "train"}
-    assert by_stage["records"].data.metrics["records_written"] == 4
+    assert by_stage["records"].data.metrics["records_written"] == 3
+    assert by_stage["records"].data.metrics["dropped/too_long"] == 1
     assert by_stage["models"].data.metrics["student_params"] < by_stage["models"].data.metrics["teacher_params"]
     history = client.get_metric_history(by_stage["train"].info.run_id, "loss_cot")
     assert [m.step for m in history] == [0, 1, 2]
@@ -71,19 +79,21 @@ def test_a_rerun_resumes_instead_of_redoing(first_run):
     assert again["records_written_now"] == 0
     assert again["train"] == summary["train"]
     assert again["mlflow_run_id"] == summary["mlflow_run_id"]
-    assert len(read_records(tmp / "out" / "records")) == 4
+    assert len(read_records(tmp / "out" / "records")) == 3
 
 
 def test_more_episodes_on_a_rerun_add_only_the_new_ones(first_run, tmp_path):
     tmp, cfg, _ = first_run
-    # Same output folder, two more episodes: only those are scored.
-    bigger = small_config(tmp, "data.seed_episodes=6")
+    # Same output folder, one more episode per environment: only those are scored.
+    bigger = small_config(tmp, "data.episodes_per_env=3")
     import shutil
 
     shutil.rmtree(tmp / "out" / "student")
     summary = run_distill(bigger)
-    assert summary["records_written_now"] == 2
-    assert len(read_records(tmp / "out" / "records")) == 6
+    # Two new episodes, and the one dropped before is tried again (drops are not remembered).
+    assert summary["records_written_now"] + sum(summary["dropped"].values()) == 3
+    assert summary["records_written_now"] >= 1
+    assert len(read_records(tmp / "out" / "records")) == 3 + summary["records_written_now"]
 
 
 def test_bad_trajectory_files_are_named_with_line_and_field(tmp_path):
@@ -95,9 +105,23 @@ def test_bad_trajectory_files_are_named_with_line_and_field(tmp_path):
     path.write_text("{not json\n")
     with pytest.raises(ValueError, match=r"chats.jsonl:1: not valid JSON"):
         list(load_episodes(path))
-    cfg = small_config(tmp_path, f"data.trajectories={tmp_path / 'missing.jsonl'}")
+    cfg = small_config(tmp_path, "data.source=jsonl", f"data.trajectories={tmp_path / 'missing.jsonl'}")
     with pytest.raises(FileNotFoundError, match="data.trajectories"):
         run_distill(cfg)
+
+
+def test_the_seed_source_and_jsonl_files_feed_the_same_stage(tmp_path):
+    from sad_ray.envs.seed import seed_episode
+
+    chats = tmp_path / "chats.jsonl"
+    ep = seed_episode(0)
+    chats.write_text(json.dumps({"id": "mine-0", "env": "household", "task_type": ep.task_type, "split": "train",
+                                 "turns": list(ep.turns), "success": True, "reward": 1.0, "steps": ep.steps}) + "\n")
+    cfg = small_config(tmp_path, "data.source=jsonl", f"data.trajectories={chats}", "train.steps=1",
+                       "train.batch_size=1")
+    summary = run_distill(cfg)
+    (record,) = read_records(tmp_path / "out" / "records")
+    assert record.id == "mine-0" and record.env == "household" and summary["train"]["steps"] == 1
 
 
 def test_hf_engine_scores_match_the_full_distribution(starter_dir, starter_tokenizer):
