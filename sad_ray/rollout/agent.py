@@ -1,0 +1,104 @@
+"""The agent loop: an engine plays many episodes at once, one batched generate call per turn of all of them.
+
+Environments step between turns, so episodes are kept in flight and the batch is refilled as they finish;
+the engine (vLLM batches continuously) sees every live episode's next turn together.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from sad_ray.envs.base import Environment, Episode, Task
+from sad_ray.envs.react import system_prompt
+from sad_ray.rollout.engines import SamplingConfig, TeacherEngine
+
+log = logging.getLogger(__name__)
+
+_ACTION = re.compile(r"^\s*Action(?:\s*\d+)?\s*:\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
+
+
+def parse_action(text: str) -> str | None:
+    """The last `Action: ...` line of an assistant turn (ReAct, numbered or not), or None."""
+    found = _ACTION.findall(text)
+    return found[-1] if found and found[-1] else None
+
+
+@dataclass
+class _Live:
+    task: Task
+    env: Environment
+    turns: list[dict[str, str]]
+    steps: int = 0
+    invalid: int = 0
+
+
+@dataclass
+class PlayStats:
+    episodes: int = 0
+    won: int = 0
+    steps: int = 0
+    turns_without_action: int = 0
+    generate_calls: int = 0
+
+
+@dataclass(frozen=True)
+class PlayConfig:
+    max_in_flight: int = 16
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+def play(
+    engine: TeacherEngine,
+    make_env: Callable[[], Environment],
+    tasks: Iterable[Task],
+    cfg: PlayConfig = PlayConfig(),
+    stats: PlayStats | None = None,
+) -> Iterator[Episode]:
+    """Play every task to its end with the engine as the agent; yields episodes as they finish."""
+    stats = stats if stats is not None else PlayStats()
+    pending = iter(tasks)
+    live: list[_Live] = []
+    idle: list[Environment] = []
+    exhausted = False
+    try:
+        while live or not exhausted:
+            while not exhausted and len(live) < cfg.max_in_flight:
+                task = next(pending, None)
+                if task is None:
+                    exhausted = True
+                    break
+                env = idle.pop() if idle else make_env()
+                observation = env.reset(task)
+                live.append(_Live(task, env, [{"role": "system", "content": system_prompt(env.name)},
+                                              {"role": "user", "content": observation}]))
+            if not live:
+                break
+            texts = engine.generate([ep.turns for ep in live], cfg.sampling)
+            stats.generate_calls += 1
+            still: list[_Live] = []
+            for ep, text in zip(live, texts, strict=True):
+                action = parse_action(text)
+                if action is None:
+                    stats.turns_without_action += 1
+                    ep.invalid += 1
+                ep.turns.append({"role": "assistant", "content": text})
+                result = ep.env.step(action or "")
+                ep.steps += 1
+                stats.steps += 1
+                if result.done:
+                    won = bool(result.info.get("won"))
+                    stats.episodes += 1
+                    stats.won += won
+                    idle.append(ep.env)
+                    yield Episode(id=ep.task.id, env=ep.task.env, task_type=ep.task.task_type, split=ep.task.split,
+                                  turns=tuple(ep.turns), success=won, reward=float(result.reward), steps=ep.steps)
+                else:
+                    ep.turns.append({"role": "user", "content": result.observation})
+                    still.append(ep)
+            live = still
+    finally:
+        for env in idle + [ep.env for ep in live]:
+            env.close()
