@@ -306,3 +306,16 @@ def test_make_env_plays_the_test_split() -> None:
         for action in env.expert(task):
             result = env.step(action)
         assert result.info["won"] and result.done
+
+
+def test_a_task_means_the_same_goal_whatever_the_step_limit() -> None:
+    loose, tight = WebShopEnv(max_steps=15), WebShopEnv(max_steps=2)
+    for task in loose.tasks("train", 6):
+        assert loose.goal(task) == tight.goal(task)
+        tight.reset(task)
+        result = None
+        for action in tight.expert(task):
+            result = tight.step(action)
+            if result.done:
+                break
+        assert result is not None and result.done

@@ -37,6 +37,11 @@ OPENERS = ("i need", "i am looking for", "i want", "i'm looking for", "find me",
 _ACTION = re.compile(r"\s*(search|click)\s*\[(.*)\]\s*", re.IGNORECASE | re.DOTALL)
 
 
+# Goals are drawn so the expert's route fits this many steps. It is fixed, not the env's step limit, so that a
+# task means the same goal whatever limit an experiment sets (a tight limit truncates, never redraws).
+ROUTE_BUDGET = 15
+
+
 @dataclass
 class _Session:
     goal: Goal
@@ -165,7 +170,7 @@ class WebShopEnv(Environment):
             for query in self._queries(goal, rng):
                 route = self._route(goal, query)
                 # Room for the longest demonstration: a look at a sub page (2 steps) on top of the route.
-                if route is not None and self._route_steps(goal, route) + 2 <= self.max_steps:
+                if route is not None and self._route_steps(goal, route) + 2 <= ROUTE_BUDGET:
                     if len(self._goals) > 4096:
                         self._goals.clear()
                     self._goals[task.id] = (goal, route)
@@ -338,7 +343,7 @@ class WebShopEnv(Environment):
     def expert_steps(self, task: Task) -> list[ExpertStep]:
         goal, route = self._goal_and_route(task)
         rng = random.Random(f"webshop-expert/{self.catalogue_seed}/{task.id}")
-        return _Shopper(goal, route, rng, look_budget=self.max_steps - self._route_steps(goal, route)).steps()
+        return _Shopper(goal, route, rng, look_budget=ROUTE_BUDGET - self._route_steps(goal, route)).steps()
 
 
 class _Shopper:
