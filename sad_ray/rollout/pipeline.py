@@ -1,0 +1,180 @@
+"""Teacher rollouts on Ray Data: tasks -> rollout actors (one engine each, many episodes in flight) -> records.
+
+Each actor plays its batch of tasks with the agent loop, scores the finished trajectories with the same engine,
+segments them and returns record rows; the driver validates each row and writes Parquet shards as they fill,
+so a crash loses at most the shard in flight and a rerun skips the tasks already written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from sad_ray.envs.base import Task
+from sad_ray.records import SCHEMA, ShardWriter, existing_ids, record_from_row
+from sad_ray.rollout.agent import PlayConfig, PlayStats, play
+from sad_ray.rollout.engines import EngineConfig, SamplingConfig, make_engine
+from sad_ray.rollout.score import ScoreReport, score_episodes
+
+log = logging.getLogger(__name__)
+
+# Rows leave the actors in the record schema plus why an episode was dropped (null for kept ones), so
+# drops are counted on the driver without a second channel.
+ROW_SCHEMA = SCHEMA.append(pa.field("drop_reason", pa.string()))
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    envs: tuple[str, ...] = ("alfworld", "webshop", "hotpotqa")
+    tasks_per_env: int = 8
+    split: Literal["train", "val", "test"] = "train"
+    # Which finished episodes become records.
+    keep: Literal["success", "all"] = "success"
+    actors: int = 1
+    # Fractional CPUs keep the actor pool from starving other Ray work on a 2-core box (STACK.md deadlock).
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    tasks_per_batch: int = 8
+    max_in_flight: int = 8
+    max_steps: int = 30
+    max_new_tokens: int = 96
+    temperature: float = 0.0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if self.actors < 1 or self.tasks_per_batch < 1 or self.max_in_flight < 1 or self.tasks_per_env < 1:
+            raise ValueError("actors, tasks_per_env, tasks_per_batch and max_in_flight must be >= 1")
+        if self.cpus_per_actor <= 0 and self.gpus_per_actor <= 0:
+            raise ValueError("an actor needs cpus_per_actor > 0 or gpus_per_actor > 0")
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    fmt: str = "react"
+    on_unparsed: str = "reason"
+    drop_with_issues: bool = False
+    top_k: int = 20
+    max_tokens: int = 2048
+
+
+class RolloutActor:
+    """Holds one teacher engine; each call plays a batch of tasks and returns their record rows."""
+
+    def __init__(self, teacher_dir: str, cfg: RolloutConfig, seg: SegmentSettings, env_kwargs: dict[str, dict]):
+        from transformers import AutoTokenizer
+
+        from sad_ray.models.tokenizers import tokenizer_fingerprint
+
+        self.cfg, self.seg, self.env_kwargs = cfg, seg, env_kwargs
+        self.engine = make_engine(teacher_dir, cfg.engine)
+        # The masks need a fast HF tokenizer with offsets, whatever wrapper the engine keeps.
+        self.tokenizer = AutoTokenizer.from_pretrained(teacher_dir, trust_remote_code=cfg.engine.trust_remote_code)
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from sad_ray.envs import make_env
+
+        tasks = [Task(**row) for row in batch.to_pylist()]
+        rows: list[dict[str, Any]] = []
+        play_cfg = PlayConfig(max_in_flight=self.cfg.max_in_flight, sampling=SamplingConfig(
+            temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_new_tokens))
+        for env_name in sorted({t.env for t in tasks}):
+            kwargs = {"max_steps": self.cfg.max_steps, **self.env_kwargs.get(env_name, {})}
+            stats = PlayStats()
+            episodes = play(self.engine, lambda n=env_name, kw=kwargs: make_env(n, **kw),
+                            [t for t in tasks if t.env == env_name], play_cfg, stats)
+            kept = []
+            for ep in episodes:
+                if self.cfg.keep == "success" and not ep.success:
+                    rows.append({"id": ep.id, "env": ep.env, "drop_reason": "failed_episode"})
+                else:
+                    kept.append(ep)
+            report = ScoreReport()
+            for record in score_episodes(
+                kept, self.tokenizer, self.engine, fmt=self.seg.fmt, top_k=self.seg.top_k,
+                fingerprint=self.fingerprint, on_unparsed=self.seg.on_unparsed,
+                drop_with_issues=self.seg.drop_with_issues, max_tokens=self.seg.max_tokens, report=report,
+            ):
+                rows.append({**record.to_row(), "drop_reason": None})
+            for reason, n in report.dropped.items():
+                rows.extend({"id": f"{env_name}/dropped", "env": env_name, "drop_reason": reason} for _ in range(n))
+        return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+def rollout_tasks(cfg: RolloutConfig, env_kwargs: dict[str, dict]) -> list[Task]:
+    from sad_ray.envs import make_env
+
+    tasks: list[Task] = []
+    for name in cfg.envs:
+        env = make_env(name, **env_kwargs.get(name, {}))
+        tasks.extend(env.tasks(cfg.split, cfg.tasks_per_env))
+        env.close()
+    return tasks
+
+
+@dataclass
+class RolloutReport:
+    written: int = 0
+    skipped_existing: int = 0
+    episodes: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    supervised_tokens: int = 0
+    shards: list[str] = field(default_factory=list)
+
+
+def run_rollouts(
+    teacher_dir: str | Path,
+    out_dir: str | Path,
+    cfg: RolloutConfig,
+    seg: SegmentSettings = SegmentSettings(),
+    env_kwargs: dict[str, dict] | None = None,
+    records_per_shard: int = 256,
+    tasks: Sequence[Task] | None = None,
+) -> RolloutReport:
+    """Run the rollout stage on the current Ray cluster (starting a local one if none is up)."""
+    import ray
+
+    env_kwargs = env_kwargs or {}
+    report = RolloutReport()
+    start = time.perf_counter()
+    done = existing_ids(out_dir)
+    all_tasks = list(tasks) if tasks is not None else rollout_tasks(cfg, env_kwargs)
+    todo = [t for t in all_tasks if t.id not in done]
+    report.skipped_existing = len(all_tasks) - len(todo)
+    if not todo:
+        log.info("rollout: all %d tasks already have records in %s", len(all_tasks), out_dir)
+        return report
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    ds = ray.data.from_items([asdict(t) for t in todo]).map_batches(
+        RolloutActor,
+        fn_constructor_args=(str(teacher_dir), cfg, seg, env_kwargs),
+        batch_size=cfg.tasks_per_batch,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=cfg.gpus_per_actor or None,
+    )
+    with ShardWriter(out_dir, records_per_shard) as writer:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for row in batch.to_pylist():
+                reason = row.pop("drop_reason")
+                report.episodes += 1
+                if reason is not None:
+                    report.dropped[reason] += 1
+                    continue
+                record = record_from_row(row, "rollout actor output")
+                writer.add(record)
+                report.written += 1
+                report.supervised_tokens += int(record.supervised.sum())
+    report.shards = [str(p) for p in writer.written]
+    report.seconds = time.perf_counter() - start
+    return report
