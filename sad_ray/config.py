@@ -137,7 +137,8 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     try:
         return _build(Config, raw, "")
     except ConfigError as exc:
-        where = f" (in {path})" if path is not None else ""
+        sources = ([str(path)] if path is not None else []) + (["command-line overrides"] if overrides else [])
+        where = f" (from {' + '.join(sources)})" if sources else ""
         raise ConfigError(f"{exc}{where}") from None
 
 
