@@ -17,6 +17,7 @@ import yaml
 
 from sad_ray.method.curriculum import CurriculumConfig
 from sad_ray.method.losses import LossConfig
+from sad_ray.rollout.pipeline import RolloutConfig
 
 
 class ConfigError(ValueError):
@@ -59,10 +60,12 @@ class RecordsConfig:
 @dataclass(frozen=True)
 class DataConfig:
     # Where the teacher chats come from: expert demonstrations played in the built-in environments ("demos"),
+    # the teacher's own rollouts ("rollouts"),
     # a JSON-lines file of chats ("jsonl", one episode a line:
     # {"id", "env", "task_type", "split", "turns": [{"role", "content"}, ...], "success", "reward", "steps"}),
     # or the scripted household seed trajectories ("seed").
-    source: Literal["demos", "jsonl", "seed"] = "demos"
+    # "rollouts": the teacher plays the environments (section `rollout`) on Ray Data.
+    source: Literal["demos", "rollouts", "jsonl", "seed"] = "demos"
     envs: tuple[str, ...] = ("alfworld", "webshop", "hotpotqa")
     episodes_per_env: int = 8
     trajectories: str = ""
@@ -109,6 +112,7 @@ class Config:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     records: RecordsConfig = field(default_factory=RecordsConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

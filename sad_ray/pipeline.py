@@ -16,7 +16,7 @@ import numpy as np
 
 from sad_ray import tracking
 from sad_ray.atomic import replace_dir
-from sad_ray.config import Config
+from sad_ray.config import Config, to_flat_dict
 from sad_ray.envs.base import Episode
 from sad_ray.envs.seed import seed_episodes
 from sad_ray.method.curriculum import complexity_scores
@@ -69,8 +69,7 @@ def demonstrations(cfg: Config) -> Iterator[Episode]:
     from sad_ray.envs.react import demonstration
 
     for name in cfg.data.envs:
-        kwargs = {"cache_dir": Path(cfg.paths.cache_dir).expanduser() / "alfworld"} if name == "alfworld" else {}
-        env = make_env(name, **kwargs)
+        env = make_env(name, **env_kwargs(cfg).get(name, {}))
         try:
             for task in env.tasks("train", cfg.data.episodes_per_env):
                 yield demonstration(env, task)
@@ -101,7 +100,9 @@ def stage_models(cfg: Config, out: Path) -> tuple[Path, Path, int]:
 
 
 def stage_records(cfg: Config, teacher: Path, records_dir: Path) -> ScoreReport:
-    """Score every episode not yet written with the teacher and write validated record shards."""
+    """Teacher records for every episode not yet written: scored demonstrations or the teacher's rollouts."""
+    if cfg.data.source == "rollouts":
+        return stage_rollouts(cfg, teacher, records_dir)
     from transformers import AutoTokenizer
 
     from sad_ray.models.tokenizers import tokenizer_fingerprint
@@ -129,6 +130,30 @@ def stage_records(cfg: Config, teacher: Path, records_dir: Path) -> ScoreReport:
             **{f"segmentation/{k}": v for k, v in report.segmentation_issues.items()},
         })
     return report
+
+
+def env_kwargs(cfg: Config) -> dict[str, dict]:
+    return {"alfworld": {"cache_dir": str(Path(cfg.paths.cache_dir).expanduser() / "alfworld")}}
+
+
+def stage_rollouts(cfg: Config, teacher: Path, records_dir: Path) -> ScoreReport:
+    """The teacher plays the environments on Ray Data; records are streamed into shards."""
+    import mlflow
+
+    from sad_ray.rollout.pipeline import SegmentSettings, run_rollouts
+
+    seg = SegmentSettings(fmt=cfg.segment.format, on_unparsed=cfg.segment.on_unparsed,
+                          drop_with_issues=cfg.segment.drop_trajectories_with_issues, top_k=cfg.records.top_k,
+                          max_tokens=cfg.data.max_tokens)
+    with tracking.stage_run("rollout", {f"rollout.{k}": v for k, v in to_flat_dict(cfg.rollout).items()}):
+        result = run_rollouts(teacher, records_dir, cfg.rollout, seg, env_kwargs(cfg), cfg.records.records_per_shard)
+        tracking.log_metrics(result.metrics())
+        if result.shards:
+            sample = [r.to_row() for r in read_records(result.shards[0])[:3]]
+            write_jsonl(sample, records_dir.parent / "rollout_sample.jsonl")
+            mlflow.log_artifact(str(records_dir.parent / "rollout_sample.jsonl"))
+    log.info("rollout: %s", result.metrics())
+    return ScoreReport(kept=result.written, dropped=result.dropped)
 
 
 def stage_train(cfg: Config, records_dir: Path, student_init: Path, vocab: int, out: Path) -> dict:
@@ -190,3 +215,16 @@ def run_distill(cfg: Config) -> dict:
             "dropped": dict(report.dropped),
             "train": summary,
         }
+
+
+def run_rollout_job(cfg: Config) -> dict:
+    """The rollout stage on its own (`jobs/rollout.py`): records from the teacher's play, into output_dir."""
+    from sad_ray.models.starter import resolve_model
+
+    out = Path(cfg.paths.output_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    with tracking.job_run(cfg, "rollout") as run:
+        teacher = resolve_model(cfg.models.teacher, Path(cfg.paths.cache_dir).expanduser())
+        report = stage_rollouts(cfg, teacher, out / "records")
+        return {"mlflow_run_id": run.info.run_id, "records": str(out / "records"),
+                "records_written_now": report.kept, "dropped": dict(report.dropped)}

@@ -48,3 +48,33 @@ def test_only_successful_episodes_are_kept_by_default(ray_local, starter_dir, tm
                           SegmentSettings(top_k=5, max_tokens=4096))
     assert report.written == 0 and report.dropped == {"failed_episode": 2}
     assert not list((tmp_path / "r").glob("part-*.parquet"))
+
+
+def test_the_rollout_job_plays_all_three_environments_with_vllm(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mlflow
+
+    from tests.conftest import cache_dir
+
+    root = Path(__file__).resolve().parents[1]
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [sys.executable, str(root / "jobs" / "rollout.py"), "--config", str(root / "configs" / "default.yaml"),
+            f"paths.cache_dir={cache_dir()}", f"paths.output_dir={tmp_path / 'out'}", f"tracking.tracking_uri={db}",
+            "rollout.tasks_per_env=1", "rollout.keep=all", "rollout.max_steps=2", "rollout.max_new_tokens=16",
+            "rollout.engine.kind=vllm", "rollout.cpus_per_actor=1", "records.top_k=5", "data.max_tokens=4096"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_records(tmp_path / "out" / "records")
+    assert {r.env for r in records} == {"alfworld", "webshop", "hotpotqa"}
+    mlflow.set_tracking_uri(db)
+    (run,) = mlflow.search_runs(experiment_names=["sad-ray"], filter_string="tags.`sad_ray.stage` = 'rollout'",
+                                output_format="list")
+    assert run.data.metrics["rollout/episodes"] == 3
+    assert run.data.metrics["rollout/records_written"] == 3
+    assert run.data.metrics["rollout/generated_tokens_per_second"] > 0
+    assert run.data.params["rollout.engine.kind"] == "vllm"
+    bad = subprocess.run(args[:4] + ["rollout.engine.kind=onnx"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "rollout.engine.kind must be one of" in bad.stderr

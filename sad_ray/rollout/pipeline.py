@@ -21,13 +21,13 @@ from sad_ray.envs.base import Task
 from sad_ray.records import SCHEMA, ShardWriter, existing_ids, record_from_row
 from sad_ray.rollout.agent import PlayConfig, PlayStats, play
 from sad_ray.rollout.engines import EngineConfig, SamplingConfig, make_engine
-from sad_ray.rollout.score import ScoreReport, score_episodes
+from sad_ray.rollout.score import score_episodes
 
 log = logging.getLogger(__name__)
 
-# Rows leave the actors in the record schema plus why an episode was dropped (null for kept ones), so
-# drops are counted on the driver without a second channel.
-ROW_SCHEMA = SCHEMA.append(pa.field("drop_reason", pa.string()))
+# One row per finished episode leaves an actor: the record's columns (null for a dropped episode, except id, env,
+# task_type and success) plus why it was dropped, so the driver counts outcomes without a second channel.
+ROW_SCHEMA = SCHEMA.append(pa.field("drop_reason", pa.string())).append(pa.field("generated_tokens", pa.int64()))
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,10 @@ class RolloutActor:
         self.tokenizer = AutoTokenizer.from_pretrained(teacher_dir, trust_remote_code=cfg.engine.trust_remote_code)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
 
+    def _generated(self, ep) -> int:
+        return sum(len(self.tokenizer(t["content"], add_special_tokens=False)["input_ids"])
+                   for t in ep.turns if t["role"] == "assistant")
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         from sad_ray.envs import make_env
 
@@ -91,20 +95,24 @@ class RolloutActor:
             episodes = play(self.engine, lambda n=env_name, kw=kwargs: make_env(n, **kw),
                             [t for t in tasks if t.env == env_name], play_cfg, stats)
             kept = []
+
+            def dropped(ep, reason: str) -> None:
+                rows.append({"id": ep.id, "env": ep.env, "task_type": ep.task_type, "success": ep.success,
+                             "steps": ep.steps, "drop_reason": reason, "generated_tokens": self._generated(ep)})
+
             for ep in episodes:
                 if self.cfg.keep == "success" and not ep.success:
-                    rows.append({"id": ep.id, "env": ep.env, "drop_reason": "failed_episode"})
+                    dropped(ep, "failed_episode")
                 else:
                     kept.append(ep)
-            report = ScoreReport()
+            by_id = {ep.id: ep for ep in kept}
             for record in score_episodes(
                 kept, self.tokenizer, self.engine, fmt=self.seg.fmt, top_k=self.seg.top_k,
                 fingerprint=self.fingerprint, on_unparsed=self.seg.on_unparsed,
-                drop_with_issues=self.seg.drop_with_issues, max_tokens=self.seg.max_tokens, report=report,
+                drop_with_issues=self.seg.drop_with_issues, max_tokens=self.seg.max_tokens, on_drop=dropped,
             ):
-                rows.append({**record.to_row(), "drop_reason": None})
-            for reason, n in report.dropped.items():
-                rows.extend({"id": f"{env_name}/dropped", "env": env_name, "drop_reason": reason} for _ in range(n))
+                rows.append({**record.to_row(), "drop_reason": None,
+                             "generated_tokens": self._generated(by_id[record.id])})
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
@@ -124,10 +132,28 @@ class RolloutReport:
     written: int = 0
     skipped_existing: int = 0
     episodes: int = 0
+    won: int = 0
+    steps: int = 0
+    generated_tokens: int = 0
     dropped: Counter = field(default_factory=Counter)
+    won_by_env: Counter = field(default_factory=Counter)
+    episodes_by_env: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     supervised_tokens: int = 0
     shards: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        out = {
+            "rollout/episodes": self.episodes, "rollout/records_written": self.written,
+            "rollout/skipped_existing": self.skipped_existing,
+            "rollout/success_rate": self.won / self.episodes if self.episodes else 0.0,
+            "rollout/generated_tokens_per_second": self.generated_tokens / self.seconds if self.seconds else 0.0,
+            "rollout/env_steps_per_second": self.steps / self.seconds if self.seconds else 0.0,
+            "rollout/seconds": self.seconds,
+        }
+        out.update({f"rollout/dropped/{k}": v for k, v in self.dropped.items()})
+        out.update({f"rollout/success_rate/{env}": self.won_by_env[env] / n for env, n in self.episodes_by_env.items()})
+        return out
 
 
 def run_rollouts(
@@ -167,7 +193,12 @@ def run_rollouts(
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for row in batch.to_pylist():
                 reason = row.pop("drop_reason")
+                report.generated_tokens += int(row.pop("generated_tokens") or 0)
                 report.episodes += 1
+                report.episodes_by_env[row["env"]] += 1
+                report.won += bool(row["success"])
+                report.won_by_env[row["env"]] += bool(row["success"])
+                report.steps += int(row["steps"] or 0)
                 if reason is not None:
                     report.dropped[reason] += 1
                     continue

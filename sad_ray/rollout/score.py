@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,21 +37,28 @@ def score_episodes(
     drop_with_issues: bool = False,
     max_tokens: int = 1024,
     report: ScoreReport | None = None,
+    on_drop: Callable[[Episode, str], None] | None = None,
 ) -> Iterator[TrajectoryRecord]:
-    """Records for the episodes that pass; every drop is counted by reason in `report`."""
+    """Records for the episodes that pass; every drop is counted by reason in `report` (and told to `on_drop`)."""
     report = report if report is not None else ScoreReport()
+
+    def drop(ep: Episode, reason: str) -> None:
+        report.dropped[reason] += 1
+        if on_drop is not None:
+            on_drop(ep, reason)
+
     for ep in episodes:
         masks = build_masks(tokenizer, list(ep.turns), fmt, on_unparsed=on_unparsed)
         report.segmentation_issues.update(masks.issues)
         sup = masks.reason_mask | masks.act_mask
         if drop_with_issues and sum(masks.issues.values()):
-            report.dropped["segmentation_issue"] += 1
+            drop(ep, "segmentation_issue")
             continue
         if not sup.any():
-            report.dropped["nothing_supervised"] += 1
+            drop(ep, "nothing_supervised")
             continue
         if len(masks.input_ids) > max_tokens:
-            report.dropped["too_long"] += 1
+            drop(ep, "too_long")
             continue
         ((ids, lp, tail),) = engine.score([masks.input_ids], [sup], top_k)
         report.kept += 1

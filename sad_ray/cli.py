@@ -1,0 +1,27 @@
+"""The command line every job shares: `--config FILE key.sub=value ...`, then one library call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sad_ray.config import Config, ConfigError, load_config
+
+
+def main(run: Callable[[Config], dict[str, Any]], description: str, argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="YAML config (default: the built-in defaults)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=10")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(run(cfg), indent=2, default=str))
+    return 0
