@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) bench/loss_cost.py
 	$(PY) bench/record_size.py
 	$(PY) bench/envs.py
+	$(PY) bench/rollout.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sad_ray jobs tests bench

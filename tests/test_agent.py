@@ -24,7 +24,7 @@ def test_the_starter_plays_real_episodes_to_the_end(starter_dir):
     env = make_env("hotpotqa", max_steps=2)
     tasks = env.tasks("val", 3)
     stats = PlayStats()
-    episodes = list(play(engine, lambda: make_env("hotpotqa", max_steps=2), tasks,
+    episodes = list(play(engine, lambda name: make_env(name, max_steps=2), tasks,
                          PlayConfig(max_in_flight=2, sampling=SamplingConfig(max_new_tokens=16)), stats))
     assert sorted(e.id for e in episodes) == sorted(t.id for t in tasks)
     for ep in episodes:

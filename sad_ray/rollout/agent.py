@@ -52,16 +52,20 @@ class PlayConfig:
 
 def play(
     engine: TeacherEngine,
-    make_env: Callable[[], Environment],
+    make_env: Callable[[str], Environment],
     tasks: Iterable[Task],
     cfg: PlayConfig = PlayConfig(),
     stats: PlayStats | None = None,
 ) -> Iterator[Episode]:
-    """Play every task to its end with the engine as the agent; yields episodes as they finish."""
+    """Play every task to its end with the engine as the agent; yields episodes as they finish.
+
+    `make_env(name)` builds a fresh environment; tasks of different environments share the in-flight batch,
+    and finished environments are reused for later tasks of the same name.
+    """
     stats = stats if stats is not None else PlayStats()
     pending = iter(tasks)
     live: list[_Live] = []
-    idle: list[Environment] = []
+    idle: dict[str, list[Environment]] = {}
     exhausted = False
     try:
         while live or not exhausted:
@@ -70,7 +74,8 @@ def play(
                 if task is None:
                     exhausted = True
                     break
-                env = idle.pop() if idle else make_env()
+                pool = idle.setdefault(task.env, [])
+                env = pool.pop() if pool else make_env(task.env)
                 observation = env.reset(task)
                 live.append(_Live(task, env, [{"role": "system", "content": system_prompt(env.name)},
                                               {"role": "user", "content": observation}]))
@@ -92,7 +97,7 @@ def play(
                     won = bool(result.info.get("won"))
                     stats.episodes += 1
                     stats.won += won
-                    idle.append(ep.env)
+                    idle.setdefault(ep.env.name, []).append(ep.env)
                     yield Episode(id=ep.task.id, env=ep.task.env, task_type=ep.task.task_type, split=ep.task.split,
                                   turns=tuple(ep.turns), success=won, reward=float(result.reward), steps=ep.steps)
                 else:
@@ -100,5 +105,5 @@ def play(
                     still.append(ep)
             live = still
     finally:
-        for env in idle + [ep.env for ep in live]:
+        for env in [e for pool in idle.values() for e in pool] + [ep.env for ep in live]:
             env.close()

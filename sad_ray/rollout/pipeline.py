@@ -89,30 +89,29 @@ class RolloutActor:
         rows: list[dict[str, Any]] = []
         play_cfg = PlayConfig(max_in_flight=self.cfg.max_in_flight, sampling=SamplingConfig(
             temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_new_tokens))
-        for env_name in sorted({t.env for t in tasks}):
-            kwargs = {"max_steps": self.cfg.max_steps, **self.env_kwargs.get(env_name, {})}
-            stats = PlayStats()
-            episodes = play(self.engine, lambda n=env_name, kw=kwargs: make_env(n, **kw),
-                            [t for t in tasks if t.env == env_name], play_cfg, stats)
-            kept = []
+        kept = []
 
-            def dropped(ep, reason: str) -> None:
-                rows.append({"id": ep.id, "env": ep.env, "task_type": ep.task_type, "success": ep.success,
-                             "steps": ep.steps, "drop_reason": reason, "generated_tokens": self._generated(ep)})
+        def dropped(ep, reason: str) -> None:
+            rows.append({"id": ep.id, "env": ep.env, "task_type": ep.task_type, "success": ep.success,
+                         "steps": ep.steps, "drop_reason": reason, "generated_tokens": self._generated(ep)})
 
-            for ep in episodes:
-                if self.cfg.keep == "success" and not ep.success:
-                    dropped(ep, "failed_episode")
-                else:
-                    kept.append(ep)
-            by_id = {ep.id: ep for ep in kept}
-            for record in score_episodes(
-                kept, self.tokenizer, self.engine, fmt=self.seg.fmt, top_k=self.seg.top_k,
-                fingerprint=self.fingerprint, on_unparsed=self.seg.on_unparsed,
-                drop_with_issues=self.seg.drop_with_issues, max_tokens=self.seg.max_tokens, on_drop=dropped,
-            ):
-                rows.append({**record.to_row(), "drop_reason": None,
-                             "generated_tokens": self._generated(by_id[record.id])})
+        def new_env(name: str):
+            return make_env(name, **{"max_steps": self.cfg.max_steps, **self.env_kwargs.get(name, {})})
+
+        # All environments' tasks share one in-flight batch: bigger engine batches, one pass.
+        for ep in play(self.engine, new_env, tasks, play_cfg, PlayStats()):
+            if self.cfg.keep == "success" and not ep.success:
+                dropped(ep, "failed_episode")
+            else:
+                kept.append(ep)
+        by_id = {ep.id: ep for ep in kept}
+        for record in score_episodes(
+            kept, self.tokenizer, self.engine, fmt=self.seg.fmt, top_k=self.seg.top_k,
+            fingerprint=self.fingerprint, on_unparsed=self.seg.on_unparsed,
+            drop_with_issues=self.seg.drop_with_issues, max_tokens=self.seg.max_tokens, on_drop=dropped,
+        ):
+            rows.append({**record.to_row(), "drop_reason": None,
+                         "generated_tokens": self._generated(by_id[record.id])})
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from sad_ray.envs.base import Episode
 from sad_ray.method.curriculum import bucket_entropy
-from sad_ray.method.masks import build_masks
+from sad_ray.method.masks import MaskResult, build_masks
 from sad_ray.records import TrajectoryRecord
 from sad_ray.rollout.engines import TeacherEngine
 
@@ -38,6 +38,7 @@ def score_episodes(
     max_tokens: int = 1024,
     report: ScoreReport | None = None,
     on_drop: Callable[[Episode, str], None] | None = None,
+    score_batch: int = 16,
 ) -> Iterator[TrajectoryRecord]:
     """Records for the episodes that pass; every drop is counted by reason in `report` (and told to `on_drop`)."""
     report = report if report is not None else ScoreReport()
@@ -47,20 +48,34 @@ def score_episodes(
         if on_drop is not None:
             on_drop(ep, reason)
 
+    pending: list[tuple[Episode, MaskResult]] = []
     for ep in episodes:
         masks = build_masks(tokenizer, list(ep.turns), fmt, on_unparsed=on_unparsed)
         report.segmentation_issues.update(masks.issues)
         sup = masks.reason_mask | masks.act_mask
         if drop_with_issues and sum(masks.issues.values()):
             drop(ep, "segmentation_issue")
-            continue
-        if not sup.any():
+        elif not sup.any():
             drop(ep, "nothing_supervised")
-            continue
-        if len(masks.input_ids) > max_tokens:
+        elif len(masks.input_ids) > max_tokens:
             drop(ep, "too_long")
-            continue
-        ((ids, lp, tail),) = engine.score([masks.input_ids], [sup], top_k)
+        else:
+            pending.append((ep, masks))
+        if len(pending) >= score_batch:
+            yield from _scored(pending, engine, top_k, fingerprint, report)
+            pending = []
+    yield from _scored(pending, engine, top_k, fingerprint, report)
+
+
+def _scored(
+    pending: list[tuple[Episode, MaskResult]], engine: TeacherEngine, top_k: int, fingerprint: str,
+    report: ScoreReport,
+) -> Iterator[TrajectoryRecord]:
+    """One engine call scores the whole batch (vLLM batches the prefills)."""
+    if not pending:
+        return
+    scores = engine.score([m.input_ids for _, m in pending], [m.reason_mask | m.act_mask for _, m in pending], top_k)
+    for (ep, masks), (ids, lp, tail) in zip(pending, scores, strict=True):
         report.kept += 1
         yield TrajectoryRecord(
             id=ep.id, env=ep.env, task_type=ep.task_type, split=ep.split, turns=tuple(ep.turns),
