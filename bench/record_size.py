@@ -23,7 +23,6 @@ import torch  # noqa: E402
 def main() -> int:
     from transformers import AutoTokenizer
 
-    from sad_ray.envs.base import Episode
     from sad_ray.envs.seed import seed_episodes
     from sad_ray.models.starter import provision_starter
     from sad_ray.models.tokenizers import tokenizer_fingerprint
@@ -41,8 +40,7 @@ def main() -> int:
     teacher = provision_starter(Path(os.environ.get("SAD_RAY_CACHE", "~/.cache/sad-ray")).expanduser())
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     engine = HFTeacherEngine(teacher)
-    episodes = [Episode(id=e.id, env="seed", task_type=e.task_type, split="train", turns=e.turns, steps=e.steps)
-                for e in seed_episodes(args.episodes)]
+    episodes = seed_episodes(args.episodes)
     records = list(score_episodes(episodes, tokenizer, engine, fmt="react", top_k=args.k,
                                   fingerprint=tokenizer_fingerprint(tokenizer)))
     n_sup = sum(int(r.supervised.sum()) for r in records)

@@ -12,14 +12,11 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
 from sad_ray import tracking
 from sad_ray.atomic import replace_dir
 from sad_ray.config import Config, to_flat_dict
 from sad_ray.envs.base import Episode
 from sad_ray.envs.seed import seed_episodes
-from sad_ray.method.curriculum import complexity_scores
 from sad_ray.records import ShardWriter, existing_ids, read_records, write_jsonl
 from sad_ray.rollout.score import ScoreReport, score_episodes
 
@@ -56,10 +53,7 @@ def episodes_for(cfg: Config) -> list[Episode]:
     if cfg.data.source == "jsonl":
         return list(load_episodes(cfg.data.trajectories))
     if cfg.data.source == "seed":
-        return [
-            Episode(id=e.id, env="seed-household", task_type=e.task_type, split=e.split, turns=e.turns, steps=e.steps)
-            for e in seed_episodes(cfg.data.seed_episodes)
-        ]
+        return seed_episodes(cfg.data.seed_episodes)
     return list(demonstrations(cfg))
 
 
@@ -159,7 +153,7 @@ def stage_rollouts(cfg: Config, teacher: Path, records_dir: Path) -> ScoreReport
 def stage_train(cfg: Config, records_dir: Path, student_init: Path, vocab: int, out: Path) -> dict:
     import mlflow
 
-    from sad_ray.train.local import train_local
+    from sad_ray.train.local import dataset_complexity, train_local
 
     final = out / "student"
     summary_path = final / "sad_ray_train.json"
@@ -170,17 +164,14 @@ def stage_train(cfg: Config, records_dir: Path, student_init: Path, vocab: int, 
         records = [r for r in read_records(records_dir) if r.split == "train"]
         if not records:
             raise ValueError(f"no training records in {records_dir}")
-        complexity = complexity_scores(
-            np.array([r.reasoning_length for r in records]), np.array([r.action_length for r in records]),
-            np.array([r.teacher_entropy for r in records]), cfg.curriculum.weights,
-        )
+        complexity = dataset_complexity(records, cfg.curriculum)
         sample = [{**r.to_row(), "complexity": float(c)} for r, c in list(zip(records, complexity, strict=True))[:3]]
         write_jsonl(sample, out / "records_sample.jsonl")
         mlflow.log_artifact(str(out / "records_sample.jsonl"))
         model, summary = train_local(
             records, student_init, cfg.loss, cfg.curriculum, steps=cfg.train.steps,
             batch_size=cfg.train.batch_size, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-            grad_clip=cfg.train.grad_clip, seed=cfg.train.seed, vocab_size=vocab,
+            grad_clip=cfg.train.grad_clip, seed=cfg.train.seed, vocab_size=vocab, complexity=complexity,
             on_metrics=lambda m, step: tracking.log_metrics(m, step=step),
         )
         from transformers import AutoTokenizer

@@ -26,7 +26,6 @@ def test_collate_lines_teacher_rows_up_with_the_masks():
 
 
 def test_training_lowers_the_loss_on_fixed_data(tmp_path, starter_dir, starter_tokenizer):
-    from sad_ray.envs.base import Episode
     from sad_ray.envs.seed import seed_episodes
     from sad_ray.models.student import build_student
     from sad_ray.models.tokenizers import tokenizer_fingerprint
@@ -36,8 +35,7 @@ def test_training_lowers_the_loss_on_fixed_data(tmp_path, starter_dir, starter_t
 
     torch.set_num_threads(2)
     student_dir = build_student(starter_dir, tmp_path / "student", 2).path
-    episodes = [Episode(id=e.id, env="seed", task_type=e.task_type, split="train", turns=e.turns)
-                for e in seed_episodes(4)]
+    episodes = seed_episodes(4)
     records = list(score_episodes(episodes, starter_tokenizer, HFTeacherEngine(starter_dir), fmt="react",
                                   top_k=8, fingerprint=tokenizer_fingerprint(starter_tokenizer)))
     cfg = LossConfig()

@@ -7,7 +7,8 @@ are wired in, and they are the fixture for segmentation tests. Deterministic for
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+
+from sad_ray.envs.base import Episode
 
 SYSTEM_PROMPT = (
     "You are an agent in a household. Solve the task step by step. On each turn write one line "
@@ -52,16 +53,7 @@ PLACE_THOUGHTS = [
 OPEN_THOUGHTS = ["{recep} is closed. I have to open it to see inside.", "{recep} is closed; opening it."]
 
 
-@dataclass(frozen=True)
-class SeedEpisode:
-    id: str
-    task_type: str
-    split: str
-    turns: tuple[dict[str, str], ...]
-    steps: int
-
-
-def seed_episode(seed: int, split: str = "train") -> SeedEpisode:
+def seed_episode(seed: int, split: str = "train") -> Episode:
     rng = random.Random(seed)
     obj = rng.choice(sorted(OBJECTS))
     kinds = OBJECTS[obj]
@@ -107,9 +99,9 @@ def seed_episode(seed: int, split: str = "train") -> SeedEpisode:
     act(rng.choice(PLACE_THOUGHTS).format(item=item, target=target), f"move {item} to {target}",
         f"You move the {item} to the {target}.")
     steps = sum(1 for t in turns if t["role"] == "assistant")
-    return SeedEpisode(id=f"seed-{split}-{seed}", task_type="pick_and_place_simple", split=split,
-                       turns=tuple(turns), steps=steps)
+    return Episode(id=f"seed-{split}-{seed}", env="seed-household", task_type="pick_and_place_simple", split=split,
+                   turns=tuple(turns), steps=steps)
 
 
-def seed_episodes(n: int, split: str = "train", start: int = 0) -> list[SeedEpisode]:
+def seed_episodes(n: int, split: str = "train", start: int = 0) -> list[Episode]:
     return [seed_episode(start + i, split) for i in range(n)]

@@ -69,6 +69,16 @@ def per_example_loss(out: LossOutput, batch: dict[str, torch.Tensor]) -> np.ndar
     return (sums / counts).numpy()
 
 
+def dataset_complexity(records: Sequence[TrajectoryRecord], cfg: CurriculumConfig) -> np.ndarray:
+    """Complexity of each record, normalised over these records (what the curriculum orders by)."""
+    return complexity_scores(
+        np.array([r.reasoning_length for r in records]),
+        np.array([r.action_length for r in records]),
+        np.array([r.teacher_entropy for r in records]),
+        cfg.weights,
+    )
+
+
 @dataclass(frozen=True)
 class TrainSummary:
     steps: int
@@ -91,6 +101,7 @@ def train_local(
     grad_clip: float = 1.0,
     seed: int = 0,
     vocab_size: int | None = None,
+    complexity: np.ndarray | None = None,
     on_metrics: Callable[[dict[str, float], int], None] | None = None,
 ):
     """Train the student at `student_dir` in this process; returns (model, TrainSummary)."""
@@ -104,12 +115,8 @@ def train_local(
     model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    complexity = complexity_scores(
-        np.array([r.reasoning_length for r in records]),
-        np.array([r.action_length for r in records]),
-        np.array([r.teacher_entropy for r in records]),
-        curriculum_cfg.weights,
-    )
+    if complexity is None:
+        complexity = dataset_complexity(records, curriculum_cfg)
     sampler = CurriculumSampler(complexity, curriculum_cfg, global_batch_size=min(batch_size, len(records)))
     losses: list[float] = []
     tokens, start = 0, time.perf_counter()
