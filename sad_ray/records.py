@@ -262,6 +262,10 @@ def write_shard(records: Sequence[TrajectoryRecord], path: str | Path) -> Path:
     rows = [r.to_row() for r in records]
     for row in rows:
         validate_row(row, str(path))
+    return _write_rows(rows, path)
+
+
+def _write_rows(rows: list[dict[str, Any]], path: Path) -> Path:
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -283,13 +287,14 @@ class ShardWriter:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.records_per_shard = records_per_shard
-        self._buffer: list[TrajectoryRecord] = []
+        self._buffer: list[dict[str, Any]] = []  # rows, validated as they were added
         self._next = 1 + max((int(p.stem.split("-")[1]) for p in shard_paths(self.folder)), default=-1)
         self.written: list[Path] = []
 
     def add(self, record: TrajectoryRecord) -> None:
-        validate_row(record.to_row())  # fail at the producer, not in a reader days later
-        self._buffer.append(record)
+        row = record.to_row()
+        validate_row(row)  # fail at the producer, not in a reader days later
+        self._buffer.append(row)
         if len(self._buffer) >= self.records_per_shard:
             self.flush()
 
@@ -297,7 +302,7 @@ class ShardWriter:
         if not self._buffer:
             return
         path = self.folder / f"part-{self._next:05d}.parquet"
-        write_shard(self._buffer, path)
+        _write_rows(self._buffer, path)
         self.written.append(path)
         self._next += 1
         self._buffer = []
