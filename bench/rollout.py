@@ -21,7 +21,7 @@ def run(kind: str, teacher: Path, tasks, env_kwargs, args) -> dict[str, float]:
     from transformers import AutoTokenizer
 
     from sad_ray.envs import make_env
-    from sad_ray.rollout.agent import PlayConfig, PlayStats, play
+    from sad_ray.rollout.agent import PlayConfig, PlayStats, generated_tokens, play
     from sad_ray.rollout.engines import EngineConfig, SamplingConfig, make_engine
     from sad_ray.rollout.score import score_episodes
 
@@ -35,8 +35,7 @@ def run(kind: str, teacher: Path, tasks, env_kwargs, args) -> dict[str, float]:
                                            sampling=SamplingConfig(max_new_tokens=args.max_new_tokens)), stats))
     play_s = time.perf_counter() - t0
     tokenizer = AutoTokenizer.from_pretrained(teacher)
-    generated = sum(len(tokenizer(t["content"], add_special_tokens=False)["input_ids"])
-                    for ep in episodes for t in ep.turns if t["role"] == "assistant")
+    generated = sum(generated_tokens(tokenizer, ep) for ep in episodes)
     t0 = time.perf_counter()
     records = list(score_episodes(episodes, tokenizer, engine, fmt="react", top_k=20, fingerprint="bench",
                                   max_tokens=1 << 20))

@@ -26,6 +26,12 @@ def parse_action(text: str) -> str | None:
     return found[-1] if found and found[-1] else None
 
 
+def generated_tokens(tokenizer, episode: Episode) -> int:
+    """Tokens the agent wrote in an episode (its assistant turns)."""
+    return sum(len(tokenizer(t["content"], add_special_tokens=False)["input_ids"])
+               for t in episode.turns if t["role"] == "assistant")
+
+
 @dataclass
 class _Live:
     task: Task

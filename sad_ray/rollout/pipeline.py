@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from sad_ray.envs.base import Task
 from sad_ray.records import SCHEMA, ShardWriter, existing_ids, record_from_row
-from sad_ray.rollout.agent import PlayConfig, PlayStats, play
+from sad_ray.rollout.agent import PlayConfig, PlayStats, generated_tokens, play
 from sad_ray.rollout.engines import EngineConfig, SamplingConfig, make_engine
 from sad_ray.rollout.score import score_episodes
 
@@ -78,10 +78,6 @@ class RolloutActor:
         self.tokenizer = AutoTokenizer.from_pretrained(teacher_dir, trust_remote_code=cfg.engine.trust_remote_code)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
 
-    def _generated(self, ep) -> int:
-        return sum(len(self.tokenizer(t["content"], add_special_tokens=False)["input_ids"])
-                   for t in ep.turns if t["role"] == "assistant")
-
     def __call__(self, batch: pa.Table) -> pa.Table:
         from sad_ray.envs import make_env
 
@@ -93,7 +89,7 @@ class RolloutActor:
 
         def dropped(ep, reason: str) -> None:
             rows.append({"id": ep.id, "env": ep.env, "task_type": ep.task_type, "success": ep.success,
-                         "steps": ep.steps, "drop_reason": reason, "generated_tokens": self._generated(ep)})
+                         "steps": ep.steps, "drop_reason": reason, "generated_tokens": generated_tokens(self.tokenizer, ep)})
 
         def new_env(name: str):
             return make_env(name, **{"max_steps": self.cfg.max_steps, **self.env_kwargs.get(name, {})})
@@ -111,7 +107,7 @@ class RolloutActor:
             drop_with_issues=self.seg.drop_with_issues, max_tokens=self.seg.max_tokens, on_drop=dropped,
         ):
             rows.append({**record.to_row(), "drop_reason": None,
-                         "generated_tokens": self._generated(by_id[record.id])})
+                         "generated_tokens": generated_tokens(self.tokenizer, by_id[record.id])})
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
@@ -130,8 +126,6 @@ def rollout_tasks(cfg: RolloutConfig, env_kwargs: dict[str, dict]) -> list[Task]
 class RolloutReport:
     written: int = 0
     skipped_existing: int = 0
-    episodes: int = 0
-    won: int = 0
     steps: int = 0
     generated_tokens: int = 0
     dropped: Counter = field(default_factory=Counter)
@@ -140,6 +134,14 @@ class RolloutReport:
     seconds: float = 0.0
     supervised_tokens: int = 0
     shards: list[str] = field(default_factory=list)
+
+    @property
+    def episodes(self) -> int:
+        return sum(self.episodes_by_env.values())
+
+    @property
+    def won(self) -> int:
+        return sum(self.won_by_env.values())
 
     def metrics(self) -> dict[str, float]:
         out = {
@@ -193,9 +195,7 @@ def run_rollouts(
             for row in batch.to_pylist():
                 reason = row.pop("drop_reason")
                 report.generated_tokens += int(row.pop("generated_tokens") or 0)
-                report.episodes += 1
                 report.episodes_by_env[row["env"]] += 1
-                report.won += bool(row["success"])
                 report.won_by_env[row["env"]] += bool(row["success"])
                 report.steps += int(row["steps"] or 0)
                 if reason is not None:
