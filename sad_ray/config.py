@@ -18,6 +18,7 @@ import yaml
 from sad_ray.method.curriculum import CurriculumConfig
 from sad_ray.method.losses import LossConfig
 from sad_ray.rollout.pipeline import RolloutConfig
+from sad_ray.train.ray_train import TrainerSettings
 
 
 class ConfigError(ValueError):
@@ -86,15 +87,35 @@ class DataConfig:
             raise ValueError("episodes_per_env and seed_episodes must be >= 1, max_tokens >= 16")
 
 
+# `train.*`: how the student is trained under Ray Train (sad_ray.train.ray_train.TrainerSettings).
+TrainConfig = TrainerSettings
+
+
 @dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 30
-    batch_size: int = 4
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    seed: int = 0
-    threads: int = 2
+class BootstrapConfig:
+    """`jobs/bootstrap_teacher.py`: fine-tune a base model on expert demonstrations into a teacher that plays."""
+
+    base: str = "starter"
+    # The teacher lands in <cache_dir>/teachers/<name>; `models.teacher: bootstrap` resolves to it.
+    name: str = "react-teacher"
+    envs: tuple[str, ...] = ("alfworld", "webshop", "hotpotqa")
+    # Training demonstrations and held-out evaluation tasks per environment, in the order of `envs`.
+    demos: tuple[int, ...] = (360, 60, 60)
+    eval_tasks: tuple[int, ...] = (60, 15, 15)
+    eval_max_new_tokens: int = 100
+    # Step limit in evaluation; null keeps each environment's own (ALFWorld 50, WebShop 15, HotPotQA 8).
+    eval_max_steps: int | None = None
+    train: TrainerSettings = field(default_factory=lambda: TrainerSettings(
+        steps=64, batch_size=4, grad_accum=2, lr=2e-4, warmup_steps=4, schedule="cosine", checkpoint_every=16))
+    register_as: str = "sad-ray-teacher"
+
+    def __post_init__(self) -> None:
+        if len(self.demos) != len(self.envs) or len(self.eval_tasks) != len(self.envs):
+            raise ValueError(f"demos and eval_tasks need one count per env ({len(self.envs)}: {list(self.envs)})")
+        if any(n < 0 for n in (*self.demos, *self.eval_tasks)) or not any(self.demos):
+            raise ValueError("demos and eval_tasks must be >= 0, with some demos")
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a plain folder name, got {self.name!r}")
 
 
 @dataclass(frozen=True)
@@ -116,6 +137,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -182,7 +204,8 @@ def _set_path(raw: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, base: Any = None) -> Any:
+    """Build `cls` from `raw`; a nested section starts from its parent's default (`base`), not the class's."""
     where = prefix.rstrip(".") or "the config"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping, got {raw!r}")
@@ -193,9 +216,17 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(
             f"unknown key {prefix}{unknown[0]!s}; {where} takes: {', '.join(sorted(fields))}"
         )
-    kwargs = {name: _coerce(hints[name], raw[name], f"{prefix}{name}") for name in raw}
+    kwargs = {}
+    for name in raw:
+        tp, f = hints[name], fields[name]
+        if dataclasses.is_dataclass(tp) and isinstance(raw[name], dict):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else (
+                f.default if f.default is not dataclasses.MISSING else None)
+            kwargs[name] = _build(tp, raw[name], f"{prefix}{name}.", default)
+        else:
+            kwargs[name] = _coerce(tp, raw[name], f"{prefix}{name}")
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except (TypeError, ValueError) as exc:
         # Dataclasses validate their own cross-field rules in __post_init__; say where they live.
         raise ConfigError(f"{where}: {exc}") from None

@@ -18,7 +18,7 @@ from sad_ray.config import Config, to_flat_dict
 from sad_ray.envs.base import Episode
 from sad_ray.envs.seed import seed_episodes
 from sad_ray.records import ShardWriter, existing_ids, read_records, write_jsonl
-from sad_ray.rollout.score import ScoreReport, score_episodes
+from sad_ray.rollout.score import ScoreReport, episode_id, score_episodes
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def stage_records(cfg: Config, teacher: Path, records_dir: Path) -> ScoreReport:
 
     report = ScoreReport()
     with tracking.stage_run("records", {"top_k": cfg.records.top_k, "format": cfg.segment.format}):
-        done = existing_ids(records_dir)
+        done = {episode_id(i) for i in existing_ids(records_dir)}
         todo = [e for e in episodes_for(cfg) if e.id not in done]
         log.info("records: %d episodes to score, %d already written", len(todo), len(done))
         if todo:
@@ -115,7 +115,7 @@ def stage_records(cfg: Config, teacher: Path, records_dir: Path) -> ScoreReport:
                     todo, tokenizer, engine, fmt=cfg.segment.format, top_k=cfg.records.top_k,
                     fingerprint=tokenizer_fingerprint(tokenizer), on_unparsed=cfg.segment.on_unparsed,
                     drop_with_issues=cfg.segment.drop_trajectories_with_issues, max_tokens=cfg.data.max_tokens,
-                    report=report,
+                    report=report, context_chars=cfg.rollout.context_chars,
                 ):
                     writer.add(record)
         tracking.log_metrics({

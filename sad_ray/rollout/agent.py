@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from sad_ray.envs.base import Environment, Episode, Task
-from sad_ray.envs.react import system_prompt
+from sad_ray.envs.react import context_window, system_prompt
 from sad_ray.rollout.engines import SamplingConfig, TeacherEngine
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ class PlayStats:
 class PlayConfig:
     max_in_flight: int = 16
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # The engine sees `context_window(turns, context_chars)` of a long episode (None: everything).
+    context_chars: int | None = None
 
 
 def play(
@@ -87,7 +89,7 @@ def play(
                                               {"role": "user", "content": observation}]))
             if not live:
                 break
-            texts = engine.generate([ep.turns for ep in live], cfg.sampling)
+            texts = engine.generate([context_window(ep.turns, cfg.context_chars) for ep in live], cfg.sampling)
             stats.generate_calls += 1
             still: list[_Live] = []
             for ep, text in zip(live, texts, strict=True):

@@ -80,6 +80,30 @@ def make_engine(model_dir: str | Path, cfg: EngineConfig) -> TeacherEngine:
     raise ValueError(f"engine kind must be 'vllm' or 'hf', got {cfg.kind!r}")
 
 
+class DemonstrationTeacher:
+    """The demonstrations themselves as the teacher: all mass on the token the expert wrote (top-1, empty tail).
+
+    Scoring expert chats with it gives records whose distillation loss is plain cross entropy, so fine-tuning
+    on demonstrations (the bootstrapped teacher) runs through the same records and trainer as distillation.
+    """
+
+    model_id = "expert-demonstrations"
+
+    def generate(self, chats: Sequence[Chat], sampling: SamplingConfig) -> list[str]:
+        raise TypeError("DemonstrationTeacher only scores given chats; it cannot play")
+
+    def score(self, sequences: Sequence[np.ndarray], supervised: Sequence[np.ndarray], k: int) -> list[TopK]:
+        out: list[TopK] = []
+        for ids, mask in zip(sequences, supervised, strict=True):
+            targets = np.asarray(ids, dtype=np.int32)[np.asarray(mask, dtype=bool)]
+            out.append((targets[:, None], np.zeros((targets.size, 1), np.float32),
+                        np.full(targets.size, -np.inf, np.float32)))
+        return out
+
+    def close(self) -> None:
+        pass
+
+
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
     return text[:cut]

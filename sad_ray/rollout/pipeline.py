@@ -21,13 +21,15 @@ from sad_ray.envs.base import Task
 from sad_ray.records import SCHEMA, ShardWriter, existing_ids, record_from_row
 from sad_ray.rollout.agent import PlayConfig, PlayStats, generated_tokens, play
 from sad_ray.rollout.engines import EngineConfig, SamplingConfig, make_engine
-from sad_ray.rollout.score import score_episodes
+from sad_ray.rollout.score import episode_id, score_episodes
 
 log = logging.getLogger(__name__)
 
-# One row per finished episode leaves an actor: the record's columns (null for a dropped episode, except id, env,
-# task_type and success) plus why it was dropped, so the driver counts outcomes without a second channel.
-ROW_SCHEMA = SCHEMA.append(pa.field("drop_reason", pa.string())).append(pa.field("generated_tokens", pa.int64()))
+# Rows leaving an actor, by `row_kind`: "episode" (one per finished episode: id, env, task_type, success, steps,
+# generated_tokens, and drop_reason when it is not kept), "record" (the record's columns) and "drop" (a window of
+# a kept episode that did not become a record, with its drop_reason). One channel, so the driver counts outcomes.
+ROW_SCHEMA = (SCHEMA.append(pa.field("drop_reason", pa.string())).append(pa.field("generated_tokens", pa.int64()))
+              .append(pa.field("row_kind", pa.string())))
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class RolloutConfig:
     max_steps: int = 30
     max_new_tokens: int = 96
     temperature: float = 0.0
+    # Long episodes: the agent sees the system prompt, the first observation and the recent steps that fit in
+    # this many characters, and records are cut into the same windows (sad_ray.envs.react.context_window).
+    context_chars: int | None = 4000
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -84,12 +89,18 @@ class RolloutActor:
         tasks = [Task(**row) for row in batch.to_pylist()]
         rows: list[dict[str, Any]] = []
         play_cfg = PlayConfig(max_in_flight=self.cfg.max_in_flight, sampling=SamplingConfig(
-            temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_new_tokens))
+            temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_new_tokens),
+            context_chars=self.cfg.context_chars)
         kept = []
+
+        def finished(ep, reason: str | None) -> None:
+            rows.append({"id": ep.id, "env": ep.env, "task_type": ep.task_type, "success": ep.success,
+                         "steps": ep.steps, "drop_reason": reason, "row_kind": "episode",
+                         "generated_tokens": generated_tokens(self.tokenizer, ep)})
 
         def dropped(ep, reason: str) -> None:
             rows.append({"id": ep.id, "env": ep.env, "task_type": ep.task_type, "success": ep.success,
-                         "steps": ep.steps, "drop_reason": reason, "generated_tokens": generated_tokens(self.tokenizer, ep)})
+                         "drop_reason": reason, "row_kind": "drop"})
 
         def new_env(name: str):
             return make_env(name, **{"max_steps": self.cfg.max_steps, **self.env_kwargs.get(name, {})})
@@ -97,17 +108,17 @@ class RolloutActor:
         # All environments' tasks share one in-flight batch: bigger engine batches, one pass.
         for ep in play(self.engine, new_env, tasks, play_cfg, PlayStats()):
             if self.cfg.keep == "success" and not ep.success:
-                dropped(ep, "failed_episode")
+                finished(ep, "failed_episode")
             else:
+                finished(ep, None)
                 kept.append(ep)
-        by_id = {ep.id: ep for ep in kept}
         for record in score_episodes(
             kept, self.tokenizer, self.engine, fmt=self.seg.fmt, top_k=self.seg.top_k,
             fingerprint=self.fingerprint, on_unparsed=self.seg.on_unparsed,
             drop_with_issues=self.seg.drop_with_issues, max_tokens=self.seg.max_tokens, on_drop=dropped,
+            context_chars=self.cfg.context_chars,
         ):
-            rows.append({**record.to_row(), "drop_reason": None,
-                         "generated_tokens": generated_tokens(self.tokenizer, by_id[record.id])})
+            rows.append({**record.to_row(), "drop_reason": None, "row_kind": "record"})
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
@@ -172,7 +183,7 @@ def run_rollouts(
     env_kwargs = env_kwargs or {}
     report = RolloutReport()
     start = time.perf_counter()
-    done = existing_ids(out_dir)
+    done = {episode_id(i) for i in existing_ids(out_dir)}
     all_tasks = list(tasks) if tasks is not None else rollout_tasks(cfg, env_kwargs)
     todo = [t for t in all_tasks if t.id not in done]
     report.skipped_existing = len(all_tasks) - len(todo)
@@ -193,13 +204,16 @@ def run_rollouts(
     with ShardWriter(out_dir, records_per_shard) as writer:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for row in batch.to_pylist():
-                reason = row.pop("drop_reason")
-                report.generated_tokens += int(row.pop("generated_tokens") or 0)
-                report.episodes_by_env[row["env"]] += 1
-                report.won_by_env[row["env"]] += bool(row["success"])
-                report.steps += int(row["steps"] or 0)
+                reason, kind = row.pop("drop_reason"), row.pop("row_kind")
+                tokens = row.pop("generated_tokens")
+                if kind == "episode":
+                    report.generated_tokens += int(tokens or 0)
+                    report.episodes_by_env[row["env"]] += 1
+                    report.won_by_env[row["env"]] += bool(row["success"])
+                    report.steps += int(row["steps"] or 0)
                 if reason is not None:
                     report.dropped[reason] += 1
+                if kind != "record":
                     continue
                 record = record_from_row(row, "rollout actor output")
                 writer.add(record)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from sad_ray.envs.base import Episode
+from sad_ray.envs.react import episode_windows
 from sad_ray.method.curriculum import bucket_entropy
 from sad_ray.method.masks import MaskResult, build_masks
 from sad_ray.records import TrajectoryRecord
@@ -23,6 +24,15 @@ class ScoreReport:
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     segmentation_issues: Counter = field(default_factory=Counter)
+
+
+def window_id(episode_id: str, n: int) -> str:
+    return f"{episode_id}#w{n}"
+
+
+def episode_id(record_id: str) -> str:
+    """The episode a record came from (a window's record id carries a `#w<n>` suffix)."""
+    return record_id.split("#w", 1)[0]
 
 
 def score_episodes(
@@ -39,8 +49,13 @@ def score_episodes(
     report: ScoreReport | None = None,
     on_drop: Callable[[Episode, str], None] | None = None,
     score_batch: int = 16,
+    context_chars: int | None = None,
 ) -> Iterator[TrajectoryRecord]:
-    """Records for the episodes that pass; every drop is counted by reason in `report` (and told to `on_drop`)."""
+    """Records for the episodes that pass; every drop is counted by reason in `report` (and told to `on_drop`).
+
+    With `context_chars`, a chat longer than that is cut into windows the way the agent loop sees it
+    (`episode_windows`): one record per window, ids `<episode id>#w<n>`, each assistant turn supervised once.
+    """
     report = report if report is not None else ScoreReport()
 
     def drop(ep: Episode, reason: str) -> None:
@@ -49,21 +64,25 @@ def score_episodes(
             on_drop(ep, reason)
 
     pending: list[tuple[Episode, MaskResult]] = []
-    for ep in episodes:
-        masks = build_masks(tokenizer, list(ep.turns), fmt, on_unparsed=on_unparsed)
-        report.segmentation_issues.update(masks.issues)
-        sup = masks.reason_mask | masks.act_mask
-        if drop_with_issues and sum(masks.issues.values()):
-            drop(ep, "segmentation_issue")
-        elif not sup.any():
-            drop(ep, "nothing_supervised")
-        elif len(masks.input_ids) > max_tokens:
-            drop(ep, "too_long")
-        else:
-            pending.append((ep, masks))
-        if len(pending) >= score_batch:
-            yield from _scored(pending, engine, top_k, fingerprint, report)
-            pending = []
+    for episode in episodes:
+        windows = episode_windows(episode.turns, context_chars)
+        for n, (chat, supervised_turns) in enumerate(windows):
+            ep = episode if len(windows) == 1 else replace(episode, id=window_id(episode.id, n), turns=tuple(chat))
+            masks = build_masks(tokenizer, list(ep.turns), fmt, on_unparsed=on_unparsed,
+                                supervised_turns=None if len(windows) == 1 else set(supervised_turns))
+            report.segmentation_issues.update(masks.issues)
+            sup = masks.reason_mask | masks.act_mask
+            if drop_with_issues and sum(masks.issues.values()):
+                drop(ep, "segmentation_issue")
+            elif not sup.any():
+                drop(ep, "nothing_supervised")
+            elif len(masks.input_ids) > max_tokens:
+                drop(ep, "too_long")
+            else:
+                pending.append((ep, masks))
+            if len(pending) >= score_batch:
+                yield from _scored(pending, engine, top_k, fingerprint, report)
+                pending = []
     yield from _scored(pending, engine, top_k, fingerprint, report)
 
 

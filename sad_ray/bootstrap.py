@@ -1,0 +1,184 @@
+"""A teacher that actually plays: fine-tune a base model on the environments' expert demonstrations.
+
+demonstrations (train split) -> windowed records with the demonstrations as a one-hot teacher -> Ray Train
+(cross entropy through the same trainer as distillation) -> greedy evaluation on held-out tasks with vLLM ->
+`<cache_dir>/teachers/<name>` + the MLflow model registry. A teacher that already exists with the same settings
+is reused; a crashed bootstrap resumes (records and training checkpoints are kept in `<name>.work`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from sad_ray import tracking
+from sad_ray.config import Config, to_flat_dict
+from sad_ray.envs.base import Task
+from sad_ray.records import ShardWriter, existing_ids
+from sad_ray.rollout.score import ScoreReport, episode_id, score_episodes
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "sad_ray_teacher.json"
+
+
+def teacher_home(cfg: Config) -> Path:
+    return Path(cfg.paths.cache_dir).expanduser() / "teachers" / cfg.bootstrap.name
+
+
+def settings_hash(cfg: Config) -> str:
+    """What makes two bootstrapped teachers the same: base model, data, training, prompt window."""
+    b = cfg.bootstrap
+    key = {"base": b.base, "envs": b.envs, "demos": b.demos, "train": asdict(b.train),
+           "context_chars": cfg.rollout.context_chars, "format": cfg.segment.format}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def env_tasks(cfg: Config, split: str, counts: tuple[int, ...]) -> list[Task]:
+    from sad_ray.envs import make_env
+    from sad_ray.pipeline import env_kwargs
+
+    tasks: list[Task] = []
+    for name, n in zip(cfg.bootstrap.envs, counts, strict=True):
+        if n:
+            env = make_env(name, **env_kwargs(cfg).get(name, {}))
+            tasks.extend(env.tasks(split, n))
+            env.close()
+    return tasks
+
+
+def demo_records(cfg: Config, base_dir: Path, records_dir: Path) -> ScoreReport:
+    """Windowed one-hot records of the expert demonstrations not yet written (a rerun continues)."""
+    from transformers import AutoTokenizer
+
+    from sad_ray.envs import make_env
+    from sad_ray.envs.react import demonstration
+    from sad_ray.models.tokenizers import tokenizer_fingerprint
+    from sad_ray.pipeline import env_kwargs
+    from sad_ray.rollout.engines import DemonstrationTeacher
+
+    done = {episode_id(i) for i in existing_ids(records_dir)} if records_dir.exists() else set()
+    tasks = [t for t in env_tasks(cfg, "train", cfg.bootstrap.demos) if t.id not in done]
+    report = ScoreReport()
+    if not tasks:
+        return report
+    tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=cfg.models.trust_remote_code)
+    envs: dict[str, Any] = {}
+
+    def demos():
+        for task in tasks:
+            if task.env not in envs:
+                envs[task.env] = make_env(task.env, **env_kwargs(cfg).get(task.env, {}))
+            yield demonstration(envs[task.env], task)
+
+    try:
+        with ShardWriter(records_dir, cfg.records.records_per_shard) as writer:
+            for record in score_episodes(
+                demos(), tokenizer, DemonstrationTeacher(), fmt=cfg.segment.format, top_k=1,
+                fingerprint=tokenizer_fingerprint(tokenizer), on_unparsed=cfg.segment.on_unparsed,
+                max_tokens=cfg.data.max_tokens, report=report, context_chars=cfg.rollout.context_chars,
+            ):
+                writer.add(record)
+    finally:
+        for env in envs.values():
+            env.close()
+    return report
+
+
+def register(model_dir: Path, name: str, artifact_path: str = "model") -> str:
+    """Log a Hugging Face directory to the active MLflow run and add it to the model registry as a new version
+    of `name`; returns the version number. (MLflow 3's `register_model` wants a flavor-logged model; a plain
+    directory of weights is registered through the client with the run's artifact URI as the source.)"""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.log_artifacts(str(model_dir), artifact_path)
+    run = mlflow.active_run()
+    client = mlflow.MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="sad-ray model (Hugging Face directory)")
+    source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
+    version = client.create_model_version(name, source, run_id=run.info.run_id,
+                                          tags={"sad_ray.model_dir": str(model_dir)})
+    return str(version.version)
+
+
+def run_bootstrap(cfg: Config) -> dict[str, Any]:
+    """`jobs/bootstrap_teacher.py`: build (or reuse) the bootstrapped teacher; returns its summary."""
+    from sad_ray.eval.agent_eval import evaluate_agent
+    from sad_ray.method.curriculum import CurriculumConfig
+    from sad_ray.method.losses import LossConfig
+    from sad_ray.models.starter import resolve_model
+    from sad_ray.pipeline import env_kwargs
+    from sad_ray.train.ray_train import train_student
+
+    home = teacher_home(cfg)
+    digest = settings_hash(cfg)
+    manifest_path = home / MANIFEST
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("settings_hash") == digest:
+            if manifest.get("registered_version") is None:  # a crash between saving and registering
+                with tracking.job_run(cfg, "bootstrap_teacher"), tracking.stage_run("register"):
+                    manifest["registered_version"] = register(home, cfg.bootstrap.register_as)
+                manifest_path.write_text(json.dumps(manifest, indent=2))
+            log.info("bootstrap: reusing the teacher at %s (settings %s)", home, digest)
+            return {**manifest, "teacher": str(home), "reused": True}
+        log.warning("bootstrap: %s was built with other settings (%s, now %s); rebuilding",
+                    home, manifest.get("settings_hash"), digest)
+    work = home.parent / f"{cfg.bootstrap.name}.work" / digest
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.paths.output_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    with tracking.job_run(cfg, "bootstrap_teacher") as run:
+        base = resolve_model(cfg.bootstrap.base, Path(cfg.paths.cache_dir).expanduser())
+        with tracking.stage_run("demonstrations", {"demos": cfg.bootstrap.demos, "envs": cfg.bootstrap.envs}):
+            report = demo_records(cfg, base, work / "records")
+            tracking.log_metrics({"records_written": report.kept,
+                                  **{f"dropped/{k}": v for k, v in report.dropped.items()}})
+        with tracking.stage_run("train", {f"train.{k}": v for k, v in to_flat_dict(cfg.bootstrap.train).items()}) \
+                as train_run:
+            result = train_student(
+                work / "records", base, work, cfg.bootstrap.train, LossConfig(objective="sft"),
+                CurriculumConfig(ramp_steps=max(1, cfg.bootstrap.train.steps // 2)), run_name="bootstrap",
+                tracking_uri=cfg.tracking.tracking_uri, mlflow_run_id=train_run.info.run_id,
+                trust_remote_code=cfg.models.trust_remote_code,
+            )
+            tracking.log_metrics({"train/final_loss": result.loss, "train/tokens_per_second": result.tokens_per_second})
+        with tracking.stage_run("eval", {"eval_tasks": cfg.bootstrap.eval_tasks}):
+            tasks = env_tasks(cfg, "test", cfg.bootstrap.eval_tasks)
+            evaluation = evaluate_agent(
+                result.student_dir, tasks, cfg.rollout.engine, max_new_tokens=cfg.bootstrap.eval_max_new_tokens,
+                max_steps=cfg.bootstrap.eval_max_steps,
+                context_chars=cfg.rollout.context_chars, env_kwargs=env_kwargs(cfg))
+            metrics = evaluation.metrics("eval")
+            tracking.log_metrics(metrics)
+            (work / "eval.md").write_text(evaluation.table() + "\n")
+            import mlflow
+
+            mlflow.log_artifact(str(work / "eval.md"))
+        manifest = {
+            "settings_hash": digest, "base": str(base), "mlflow_run_id": run.info.run_id,
+            "success_rate": {env: evaluation.success_rate(env) for env in cfg.bootstrap.envs
+                             if any(e.env == env for e in evaluation.episodes)},
+            "eval_episodes": len(evaluation.episodes), "train": asdict(result), "eval_table": evaluation.table(),
+        }
+        tmp = home.parent / f".{cfg.bootstrap.name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(result.student_dir, tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        from sad_ray.atomic import replace_dir
+
+        replace_dir(tmp, home)
+        with tracking.stage_run("register"):
+            manifest["registered_version"] = register(home, cfg.bootstrap.register_as)
+        manifest_path.write_text(json.dumps(manifest, indent=2))
+        return {**manifest, "teacher": str(home), "reused": False}
