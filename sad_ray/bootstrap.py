@@ -90,26 +90,6 @@ def demo_records(cfg: Config, base_dir: Path, records_dir: Path) -> ScoreReport:
     return report
 
 
-def register(model_dir: Path, name: str, artifact_path: str = "model") -> str:
-    """Log a Hugging Face directory to the active MLflow run and add it to the model registry as a new version
-    of `name`; returns the version number. (MLflow 3's `register_model` wants a flavor-logged model; a plain
-    directory of weights is registered through the client with the run's artifact URI as the source.)"""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    mlflow.log_artifacts(str(model_dir), artifact_path)
-    run = mlflow.active_run()
-    client = mlflow.MlflowClient()
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="sad-ray model (Hugging Face directory)")
-    source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
-    version = client.create_model_version(name, source, run_id=run.info.run_id,
-                                          tags={"sad_ray.model_dir": str(model_dir)})
-    return str(version.version)
-
-
 def run_bootstrap(cfg: Config) -> dict[str, Any]:
     """`jobs/bootstrap_teacher.py`: build (or reuse) the bootstrapped teacher; returns its summary."""
     from sad_ray.eval.agent_eval import evaluate_agent
@@ -127,7 +107,7 @@ def run_bootstrap(cfg: Config) -> dict[str, Any]:
         if manifest.get("settings_hash") == digest:
             if manifest.get("registered_version") is None:  # a crash between saving and registering
                 with tracking.job_run(cfg, "bootstrap_teacher"), tracking.stage_run("register"):
-                    manifest["registered_version"] = register(home, cfg.bootstrap.register_as)
+                    manifest["registered_version"] = tracking.register_model(home, cfg.bootstrap.register_as)
                 manifest_path.write_text(json.dumps(manifest, indent=2))
             log.info("bootstrap: reusing the teacher at %s (settings %s)", home, digest)
             return {**manifest, "teacher": str(home), "reused": True}
@@ -179,6 +159,6 @@ def run_bootstrap(cfg: Config) -> dict[str, Any]:
 
         replace_dir(tmp, home)
         with tracking.stage_run("register"):
-            manifest["registered_version"] = register(home, cfg.bootstrap.register_as)
+            manifest["registered_version"] = tracking.register_model(home, cfg.bootstrap.register_as)
         manifest_path.write_text(json.dumps(manifest, indent=2))
         return {**manifest, "teacher": str(home), "reused": False}

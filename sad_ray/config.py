@@ -106,7 +106,7 @@ class BootstrapConfig:
     # Step limit in evaluation; null keeps each environment's own (ALFWorld 50, WebShop 15, HotPotQA 8).
     eval_max_steps: int | None = None
     train: TrainerSettings = field(default_factory=lambda: TrainerSettings(
-        steps=64, batch_size=4, grad_accum=2, lr=2e-4, warmup_steps=4, schedule="cosine", checkpoint_every=16))
+        steps=80, batch_size=4, grad_accum=1, lr=2e-4, warmup_steps=4, schedule="cosine", checkpoint_every=20))
     register_as: str = "sad-ray-teacher"
 
     def __post_init__(self) -> None:
@@ -123,6 +123,8 @@ class TrackingConfig:
     # MLflow 3 defaults to a sqlite store; the plain file store is in maintenance mode.
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "sad-ray"
+    # The trained student is registered in MLflow's model registry under this name.
+    register_student_as: str = "sad-ray-student"
     run_name: str = ""
 
 

@@ -13,11 +13,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from sad_ray import tracking
-from sad_ray.atomic import replace_dir
 from sad_ray.config import Config, to_flat_dict
 from sad_ray.envs.base import Episode
 from sad_ray.envs.seed import seed_episodes
-from sad_ray.records import ShardWriter, existing_ids, read_records, write_jsonl
+from sad_ray.records import ShardWriter, existing_ids, iter_records, read_records, write_jsonl
 from sad_ray.rollout.score import ScoreReport, episode_id, score_episodes
 
 log = logging.getLogger(__name__)
@@ -151,39 +150,47 @@ def stage_rollouts(cfg: Config, teacher: Path, records_dir: Path) -> ScoreReport
 
 
 def stage_train(cfg: Config, records_dir: Path, student_init: Path, vocab: int, out: Path) -> dict:
+    """The student trained on the records under Ray Train (sad_ray.train.ray_train), then registered in MLflow."""
+    import itertools
+
     import mlflow
 
-    from sad_ray.train.local import dataset_complexity, train_local
+    from sad_ray.train.ray_train import train_student
 
-    final = out / "student"
-    summary_path = final / "sad_ray_train.json"
-    if summary_path.exists():
-        log.info("train: %s already holds a trained student; skipping", final)
-        return json.loads(summary_path.read_text())
-    with tracking.stage_run("train", {"objective": cfg.loss.objective}):
-        records = [r for r in read_records(records_dir) if r.split == "train"]
-        if not records:
-            raise ValueError(f"no training records in {records_dir}")
-        complexity = dataset_complexity(records, cfg.curriculum)
-        sample = [{**r.to_row(), "complexity": float(c)} for r, c in list(zip(records, complexity, strict=True))[:3]]
-        write_jsonl(sample, out / "records_sample.jsonl")
-        mlflow.log_artifact(str(out / "records_sample.jsonl"))
-        model, summary = train_local(
-            records, student_init, cfg.loss, cfg.curriculum, steps=cfg.train.steps,
-            batch_size=cfg.train.batch_size, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-            grad_clip=cfg.train.grad_clip, seed=cfg.train.seed, vocab_size=vocab, complexity=complexity,
-            on_metrics=lambda m, step: tracking.log_metrics(m, step=step),
+    with tracking.stage_run("train", {"objective": cfg.loss.objective,
+                                      **{f"train.{k}": v for k, v in to_flat_dict(cfg.train).items()}}) as run:
+        if records_dir.exists() and not (out / "records_sample.jsonl").exists():
+            write_jsonl([r.to_row() for r in itertools.islice(iter_records(records_dir), 3)],
+                        out / "records_sample.jsonl")
+            mlflow.log_artifact(str(out / "records_sample.jsonl"))
+        result = train_student(
+            records_dir, student_init, out, cfg.train, cfg.loss, cfg.curriculum, run_name="train",
+            tracking_uri=cfg.tracking.tracking_uri, mlflow_run_id=run.info.run_id,
+            trust_remote_code=cfg.models.trust_remote_code,
         )
-        from transformers import AutoTokenizer
+        tracking.log_metrics({"train/final_loss": result.loss, "train/tokens_per_second": result.tokens_per_second,
+                              "train/data_wait_fraction": result.data_wait_seconds / result.seconds
+                              if result.seconds else 0.0})
+        marker = Path(result.student_dir) / "sad_ray_registered.json"
+        if not marker.exists():
+            version = tracking.register_model(Path(result.student_dir), cfg.tracking.register_student_as)
+            marker.write_text(json.dumps({"name": cfg.tracking.register_student_as, "version": version}))
+        summary = {**asdict(result), "tokens_per_second": result.tokens_per_second,
+                   "registered": json.loads(marker.read_text())}
+    return summary
 
-        tmp = out / ".student.tmp"
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(student_init).save_pretrained(tmp)
-        (tmp / "sad_ray_train.json").write_text(json.dumps(asdict(summary), indent=2))
-        replace_dir(tmp, final)
-        tracking.log_metrics({"train/first_loss": summary.first_loss, "train/last_loss": summary.last_loss,
-                              "train/tokens_per_second": summary.tokens_per_second})
-    return asdict(summary)
+
+def run_train_job(cfg: Config) -> dict:
+    """`jobs/train_student.py`: train the student on the records already in `output_dir/records`."""
+    import torch
+
+    torch.set_num_threads(cfg.train.threads)
+    out = Path(cfg.paths.output_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    with tracking.job_run(cfg, "train_student") as run:
+        _, student_init, vocab = stage_models(cfg, out)
+        summary = stage_train(cfg, out / "records", student_init, vocab, out)
+        return {"mlflow_run_id": run.info.run_id, "student": str(out / "student"), "train": summary}
 
 
 def run_distill(cfg: Config) -> dict:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from sad_ray.config import Config, to_flat_dict
@@ -63,6 +64,26 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     import mlflow
 
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def register_model(model_dir: Path, name: str, artifact_path: str = "model") -> str:
+    """Log a Hugging Face directory to the active MLflow run and add it to the model registry as a new version
+    of `name`; returns the version number. (MLflow 3's `register_model` wants a flavor-logged model; a plain
+    directory of weights is registered through the client with the run's artifact URI as the source.)"""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.log_artifacts(str(model_dir), artifact_path)
+    run = mlflow.active_run()
+    client = mlflow.MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="sad-ray model (Hugging Face directory)")
+    source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
+    version = client.create_model_version(name, source, run_id=run.info.run_id,
+                                          tags={"sad_ray.model_dir": str(model_dir)})
+    return str(version.version)
 
 
 def _param(value: Any) -> str:

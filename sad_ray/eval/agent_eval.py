@@ -68,7 +68,7 @@ def evaluate_agent(
     *,
     max_steps: int | None = None,
     max_new_tokens: int = 100,
-    context_chars: int | None = 4000,
+    context_chars: int | None = 3000,
     max_in_flight: int = 32,
     env_kwargs: dict[str, dict] | None = None,
 ) -> EvalReport:

@@ -300,6 +300,12 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
 
 
+def predicting_rows(reason_mask: Tensor, act_mask: Tensor) -> Tensor:
+    """[B, T] bool: True at t-1 for every supervised token t, i.e. the positions whose logits the loss reads;
+    `hidden[predicting_rows(...)]` lists them row-major, in the order of the teacher rows."""
+    return F.pad((reason_mask | act_mask)[:, 1:], (0, 1))
+
+
 def distillation_loss(
     student_logits: Tensor,
     input_ids: Tensor,
@@ -322,15 +328,19 @@ def distillation_loss(
       CE = mean_n -log q(input_ids[t_n]) at temperature 1.
     `vocab_size` slices padded student logits so padding rows get no mass.
 
-    student_logits [B, T, V]; input_ids, reason_mask, act_mask [B, T]; topk_ids, topk_logprobs [N, K];
-    tail_logprob [N].
+    student_logits [B, T, V], or [N, V] when the caller computed only the rows that predict supervised tokens
+    (`predicting_rows`: the student's head applied to those hidden states only, which saves most of the head's
+    cost and memory); input_ids, reason_mask, act_mask [B, T]; topk_ids, topk_logprobs [N, K]; tail_logprob [N].
     """
-    if student_logits.dim() != 3:
-        raise ValueError(f"student_logits must be [B, T, V], got shape {tuple(student_logits.shape)}")
-    B, T, V = student_logits.shape
-    for name, t in (("input_ids", input_ids), ("reason_mask", reason_mask), ("act_mask", act_mask)):
+    if student_logits.dim() not in (2, 3):
+        raise ValueError(f"student_logits must be [B, T, V] or [N, V], got shape {tuple(student_logits.shape)}")
+    B, T = input_ids.shape
+    V = student_logits.shape[-1]
+    if student_logits.dim() == 3 and tuple(student_logits.shape[:2]) != (B, T):
+        raise ValueError(f"student_logits [B, T, V] must match input_ids {[B, T]}, got {list(student_logits.shape)}")
+    for name, t in (("reason_mask", reason_mask), ("act_mask", act_mask)):
         if tuple(t.shape) != (B, T):
-            raise ValueError(f"{name} must be [B, T] = {[B, T]} like student_logits, got {list(t.shape)}")
+            raise ValueError(f"{name} must be [B, T] = {[B, T]} like input_ids, got {list(t.shape)}")
     if reason_mask.dtype != torch.bool or act_mask.dtype != torch.bool:
         raise ValueError("reason_mask and act_mask must be bool tensors")
     if (reason_mask & act_mask).any():
@@ -362,7 +372,13 @@ def distillation_loss(
     if n and int(topk_ids.max()) >= vocab_size:
         raise ValueError(f"topk_ids hold id {int(topk_ids.max())}, outside the vocabulary of {vocab_size}")
 
-    logits = student_logits.reshape(B * T, V).index_select(0, rows)  # [N, V]
+    if student_logits.dim() == 3:
+        logits = student_logits.reshape(B * T, V).index_select(0, rows)  # [N, V]
+    elif student_logits.shape[0] != n:
+        raise ValueError(f"student_logits [N, V] must hold the {n} rows that predict supervised tokens, "
+                         f"got {student_logits.shape[0]}")
+    else:
+        logits = student_logits
     if vocab_size < V:
         logits = logits[:, :vocab_size]
     is_reason = reason_mask[:, 1:][supervised[:, 1:]]  # [N], row-major like `rows`

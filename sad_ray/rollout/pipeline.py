@@ -50,7 +50,7 @@ class RolloutConfig:
     temperature: float = 0.0
     # Long episodes: the agent sees the system prompt, the first observation and the recent steps that fit in
     # this many characters, and records are cut into the same windows (sad_ray.envs.react.context_window).
-    context_chars: int | None = 4000
+    context_chars: int | None = 3000
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from sad_ray.method.curriculum import CurriculumConfig, CurriculumSampler, complexity_scores
-from sad_ray.method.losses import LossConfig, LossOutput, distillation_loss
+from sad_ray.method.losses import LossConfig, LossOutput, distillation_loss, predicting_rows
 from sad_ray.records import TrajectoryRecord
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,40 @@ def collate(records: Sequence[TrajectoryRecord], pad_id: int) -> dict[str, torch
     }
 
 
-def forward_loss(model, batch: dict[str, torch.Tensor], cfg: LossConfig, vocab_size: int | None) -> LossOutput:
-    # bf16 autocast where the CPU has it (STACK.md measured it); the loss itself runs in fp32.
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=torch.backends.mkldnn.is_available()):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+class SupervisedHead(torch.nn.Module):
+    """The student as the loss reads it: the decoder over every position, the LM head only on the positions that
+    predict a supervised token (`predicting_rows`), returning [N, V] logits in the teacher rows' order.
+
+    The head and its log-softmax over a 49k vocabulary are a large share of a small student's step; supervised
+    tokens are a fraction of a chat, so this saves that share of time and most of the logits' memory. Models whose
+    forward does more than `lm_head(hidden)` (logit soft-capping or scaling) get the full forward instead.
+    DDP and DeepSpeed wrap this module, so gradients still synchronise through its forward.
+    """
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        config = lm.config
+        self.rows_only = (getattr(config, "final_logit_softcapping", None) is None
+                          and getattr(config, "logit_scale", None) is None
+                          and hasattr(lm, "get_decoder") and lm.get_output_embeddings() is not None)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if not self.rows_only:
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.lm.get_output_embeddings()(hidden[rows])
+
+
+def forward_loss(model, batch: dict[str, torch.Tensor], cfg: LossConfig, vocab_size: int | None,
+                 autocast_device: str = "cpu", bf16: bool | None = None) -> LossOutput:
+    """`model` is a SupervisedHead (or DDP/DeepSpeed around one). bf16 autocast where the hardware has it
+    (STACK.md measured it on CPU); the loss itself runs in fp32."""
+    if bf16 is None:
+        bf16 = torch.backends.mkldnn.is_available()
+    rows = predicting_rows(batch["reason_mask"], batch["act_mask"])
+    with torch.autocast(autocast_device, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(batch["input_ids"], batch["attention_mask"], rows)
     return distillation_loss(
         logits.float(), batch["input_ids"], batch["reason_mask"], batch["act_mask"],
         batch["topk_ids"], batch["topk_logprobs"], batch["tail_logprob"], cfg, vocab_size=vocab_size,
@@ -112,7 +142,8 @@ def train_local(
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    model = SupervisedHead(lm)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     if complexity is None:
@@ -137,8 +168,8 @@ def train_local(
             on_metrics(metrics, step)
         log.info("step %d loss %.4f (cot %.4f act %.4f)", step, metrics["loss"], metrics["loss_cot"], metrics["loss_act"])
     seconds = time.perf_counter() - start
-    model.eval()
+    lm.eval()
     summary = TrainSummary(steps=steps, first_loss=losses[0] if losses else float("nan"),
                            last_loss=losses[-1] if losses else float("nan"),
                            tokens_per_second=tokens / seconds if seconds else 0.0, seconds=seconds)
-    return model, summary
+    return lm, summary

@@ -28,13 +28,10 @@ import numpy as np
 from sad_ray.atomic import replace_dir
 from sad_ray.method.curriculum import CurriculumConfig
 from sad_ray.method.losses import LossConfig
-from sad_ray.records import SCHEMA_VERSION, shard_paths
+from sad_ray.records import shard_paths
 
 log = logging.getLogger(__name__)
 
-# Columns the driver reads to check the data and set the curriculum's scale: no token or teacher arrays.
-_META = ["schema_version", "id", "split", "reasoning_length", "action_length", "teacher_entropy",
-         "tokenizer_fingerprint", "top_k", "teacher_model"]
 HF_SUBDIR = "hf"
 
 
@@ -91,48 +88,43 @@ class DataSummary:
 
 
 def scan_records(records_dir: str | Path, split: str = "train") -> DataSummary:
-    """Read the records' metadata columns and check them; raise TrainSetupError naming the file otherwise."""
-    import pyarrow.parquet as pq
+    """Validate every record (streamed shard by shard, nothing kept) and summarise the split to train on.
+
+    Runs on the driver before any worker starts, so a bad dataset stops the run at once with a RecordError-style
+    message naming the record, the field and the file.
+    """
+    from sad_ray.records import RecordError, iter_records
 
     records_dir = Path(records_dir)
     if not records_dir.exists():
         raise TrainSetupError(f"records directory {records_dir} does not exist")
-    paths = shard_paths(records_dir)
-    if not paths:
+    if not shard_paths(records_dir):
         raise TrainSetupError(f"records directory {records_dir} holds no record shards (part-*.parquet)")
-    cols: dict[str, list] = {c: [] for c in _META}
-    for p in paths:
-        try:
-            schema = pq.read_schema(p)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix, named
-            raise TrainSetupError(f"record shard {p} is not a readable Parquet file: {exc}") from None
-        missing = [c for c in _META if c not in schema.names]
-        if missing:
-            raise TrainSetupError(f"record shard {p} lacks column {missing[0]!r}: not a sad-ray trajectory shard")
-        table = pq.read_table(p, columns=_META)
-        versions = set(table.column("schema_version").to_pylist())
-        if versions != {SCHEMA_VERSION}:
-            raise TrainSetupError(f"record shard {p} has schema_version {sorted(versions)}, expected {SCHEMA_VERSION}")
-        for c in _META:
-            cols[c].extend(table.column(c).to_pylist())
-    keep = [i for i, s in enumerate(cols["split"]) if s == split]
-    if not keep:
+    feats: list[tuple[int, int, float]] = []
+    fingerprints: set[str] = set()
+    other, teacher, top_k = 0, "", 0
+    try:
+        for r in iter_records(records_dir):
+            if r.split != split:
+                other += 1
+                continue
+            feats.append((r.reasoning_length, r.action_length, r.teacher_entropy))
+            fingerprints.add(r.tokenizer_fingerprint)
+            teacher, top_k = r.teacher_model, r.top_k
+    except RecordError as exc:
+        raise TrainSetupError(f"invalid training data: {exc}") from None
+    except (OSError, ValueError) as exc:  # an unreadable or foreign Parquet file
+        raise TrainSetupError(f"records directory {records_dir} cannot be read: {exc}") from None
+    if not feats:
         raise TrainSetupError(f"records directory {records_dir} holds no records of split {split!r} "
-                              f"({len(cols['split'])} records in other splits)")
-    fps = {cols["tokenizer_fingerprint"][i] for i in keep}
-    if len(fps) != 1:
-        raise TrainSetupError(f"records in {records_dir} were tokenized by {len(fps)} different tokenizers; "
+                              f"({other} records in other splits)")
+    if len(fingerprints) != 1:
+        raise TrainSetupError(f"records in {records_dir} were tokenized by {len(fingerprints)} different tokenizers; "
                               "train on one tokenizer's records")
-    feats = np.array([[cols[c][i] for i in keep] for c in ("reasoning_length", "action_length", "teacher_entropy")],
-                     dtype=np.float64)
-    return DataSummary(
-        records=len(keep),
-        supervised_tokens_hint=int(feats[0].sum() + feats[1].sum()),
-        fingerprint=fps.pop(),
-        teacher_model=str(cols["teacher_model"][keep[0]]),
-        top_k=int(cols["top_k"][keep[0]]),
-        bounds=(feats.min(axis=1).tolist(), feats.max(axis=1).tolist()),
-    )
+    arr = np.asarray(feats, dtype=np.float64).T
+    return DataSummary(records=len(feats), supervised_tokens_hint=int(arr[0].sum() + arr[1].sum()),
+                       fingerprint=fingerprints.pop(), teacher_model=teacher, top_k=top_k,
+                       bounds=(arr.min(axis=1).tolist(), arr.max(axis=1).tolist()))
 
 
 def check_model(student_dir: str | Path, fingerprint: str, trust_remote_code: bool = False) -> int:
@@ -231,7 +223,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sad_ray.method.curriculum import CurriculumSampler
-    from sad_ray.train.local import collate, per_example_loss
+    from sad_ray.train.local import SupervisedHead, collate, per_example_loss
 
     s: TrainerSettings = config["settings"]
     loss_cfg: LossConfig = config["loss"]
@@ -253,8 +245,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(config["student_dir"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(config["student_dir"], dtype=torch.float32)
-    model.config.use_cache = False
+    lm = AutoModelForCausalLM.from_pretrained(config["student_dir"], dtype=torch.float32)
+    lm.config.use_cache = False
+    model = SupervisedHead(lm)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, s))
     engine = None
@@ -271,7 +264,7 @@ def train_loop(config: dict[str, Any]) -> None:
         }
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-        module = engine.module
+        module = engine.module  # the SupervisedHead
         train_model = engine
     else:
         train_model = ray.train.torch.prepare_model(model) if world > 1 or s.use_gpu else model
@@ -287,6 +280,8 @@ def train_loop(config: dict[str, Any]) -> None:
         log.info("worker %d resumed at step %d", rank, step)
 
     sink = _MetricsSink(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else _MetricsSink(None, None)
+    if start_ckpt is not None and rank == 0:
+        sink.log({"train/resumed_from_step": step}, step)
     use_bf16 = s.bf16 and (s.use_gpu or torch.backends.mkldnn.is_available())
     tokens = 0
     t0 = time.perf_counter()
@@ -349,16 +344,9 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def _loss(model, batch, loss_cfg, vocab_size, use_bf16, device):
-    """Forward under bf16 autocast where the hardware has it; the loss itself in fp32."""
-    import torch
+    from sad_ray.train.local import forward_loss
 
-    from sad_ray.method.losses import distillation_loss
-
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return distillation_loss(logits.float(), batch["input_ids"], batch["reason_mask"], batch["act_mask"],
-                             batch["topk_ids"], batch["topk_logprobs"], batch["tail_logprob"], loss_cfg,
-                             vocab_size=vocab_size)
+    return forward_loss(model, batch, loss_cfg, vocab_size, autocast_device=device.type, bf16=use_bf16)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -421,7 +409,9 @@ def _save_hf(target: Path | None, module, engine, tokenizer, metrics) -> None:
         state = engine._zero3_consolidated_16bit_state_dict()  # gathers on every rank, returns on rank 0
     if target is None:
         return
-    module.save_pretrained(target, state_dict=state)
+    if state is not None:  # keys of the SupervisedHead wrapper: "lm.<name>"
+        state = {k.removeprefix("lm."): v for k, v in state.items()}
+    module.lm.save_pretrained(target, state_dict=state)
     tokenizer.save_pretrained(target)
     (target / "sad_ray_train.json").write_text(json.dumps(metrics, indent=2))
 
@@ -511,7 +501,7 @@ def train_student(
         on_start(summary)
 
     # Each worker keeps the rows of `settings.split` from its own shard (see _load_shard).
-    dataset = ray.data.read_parquet([str(p) for p in shard_paths(records_dir)], ray_remote_args={"num_cpus": 0.25})
+    dataset = ray.data.read_parquet([str(p) for p in shard_paths(records_dir)], num_cpus=0.25)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={

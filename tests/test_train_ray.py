@@ -1,0 +1,203 @@
+"""Student training on Ray Train, for real: a loss that falls, a worker killed mid-run, DeepSpeed ZeRO-2 on CPU,
+and the set-up errors that must stop a run before any worker starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sad_ray.method.curriculum import CurriculumConfig
+from sad_ray.method.losses import LossConfig
+from sad_ray.train.ray_train import TrainerSettings, TrainSetupError, train_student
+from tests.test_records import make_record
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, starter_dir, starter_tokenizer):
+    """Teacher-scored (top-20, the real starter) seed trajectories and a 2-layer student cut from the starter."""
+    from sad_ray.envs.seed import seed_episodes
+    from sad_ray.models.student import build_student
+    from sad_ray.models.tokenizers import tokenizer_fingerprint
+    from sad_ray.records import write_shard
+    from sad_ray.rollout.engines import HFTeacherEngine
+    from sad_ray.rollout.score import score_episodes
+
+    root = tmp_path_factory.mktemp("train_ray")
+    engine = HFTeacherEngine(starter_dir)
+    records = list(score_episodes(seed_episodes(16), starter_tokenizer, engine, fmt="react", top_k=20,
+                                  fingerprint=tokenizer_fingerprint(starter_tokenizer)))
+    engine.close()
+    write_shard(records[:8], root / "records" / "part-00000.parquet")
+    write_shard(records[8:], root / "records" / "part-00001.parquet")
+    build_student(starter_dir, root / "student-init", 2)
+    return root
+
+
+def mlflow_run(tmp_path: Path) -> tuple[str, str]:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("train-ray-test")
+    return uri, client.create_run(exp).info.run_id
+
+
+def loss_history(uri: str, run_id: str, key: str = "loss") -> list[tuple[int, float]]:
+    import mlflow
+
+    return [(m.step, m.value) for m in mlflow.MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+def test_sad_training_lowers_the_loss_and_saves_a_student(tmp_path, data):
+    uri, run_id = mlflow_run(tmp_path)
+    settings = TrainerSettings(steps=10, batch_size=4, lr=1e-3, checkpoint_every=5, threads=2)
+    result = train_student(data / "records", data / "student-init", tmp_path / "out", settings,
+                           LossConfig(objective="sad"), CurriculumConfig(ramp_steps=5),
+                           tracking_uri=uri, mlflow_run_id=run_id)
+    history = loss_history(uri, run_id)
+    assert [s for s, _ in history] == list(range(1, 11))  # rank 0 logged every step once
+    first, last = np.mean([v for _, v in history[:2]]), np.mean([v for _, v in history[-2:]])
+    assert last < 0.7 * first, history
+    for key in ("loss_cot", "loss_act", "lr", "tokens_per_second", "curriculum/open_fraction",
+                "curriculum/weight_entropy", "data_wait_fraction"):
+        assert loss_history(uri, run_id, key), key
+    assert result.steps == 10 and result.tokens > 0
+    student = Path(result.student_dir)
+    assert (student / "config.json").is_file() and (student / "tokenizer.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(student)
+    assert model.config.num_hidden_layers == 2
+    # A rerun of a finished run returns the saved result without training.
+    start = time.perf_counter()
+    again = train_student(data / "records", data / "student-init", tmp_path / "out", settings,
+                          LossConfig(objective="sad"), CurriculumConfig(ramp_steps=5))
+    assert again == result and time.perf_counter() - start < 5
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of this Ray cluster's live train workers (not those of any other cluster on the machine)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors if a.pid]
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path, data):
+    uri, run_id = mlflow_run(tmp_path)
+    steps = 14
+    settings = TrainerSettings(steps=steps, batch_size=2, lr=5e-4, checkpoint_every=3, max_failures=2, threads=1)
+    out: list = []
+    errors: list = []
+
+    def run() -> None:
+        try:
+            out.append(train_student(data / "records", data / "student-init", tmp_path / "out", settings,
+                                     LossConfig(objective="sad"), CurriculumConfig(ramp_steps=4),
+                                     run_name="killed", tracking_uri=uri, mlflow_run_id=run_id))
+        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    # Kill once training has gone two steps past its first checkpoint (so Ray Train has registered it).
+    deadline = time.time() + 300
+    while time.time() < deadline and max([s for s, _ in loss_history(uri, run_id)], default=0) < 5:
+        time.sleep(0.2)
+    pids = _train_worker_pids()
+    assert pids, "no Ray Train worker process found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    killed_at = max(s for s, _ in loss_history(uri, run_id))
+    assert killed_at < steps, "training finished before the kill; make the run longer"
+    thread.join(timeout=600)
+    assert not errors, errors
+    assert out and out[0].steps == steps
+    resumed = loss_history(uri, run_id, "train/resumed_from_step")
+    assert resumed, "the run never resumed from a checkpoint"
+    resumed_from = int(resumed[0][1])
+    assert resumed_from >= 3 and resumed_from % 3 == 0 and resumed_from <= max(killed_at, 3)
+    logged = [s for s, _ in loss_history(uri, run_id)]
+    # Every step ran; only the steps between the checkpoint and the kill ran twice.
+    assert sorted(set(logged)) == list(range(1, steps + 1))
+    repeated = sorted({s for s in logged if logged.count(s) > 1})
+    assert all(resumed_from < s <= killed_at + 1 for s in repeated), (repeated, resumed_from, killed_at)
+    assert json.loads((Path(out[0].student_dir) / "sad_ray_train.json").read_text())["result"]["steps"] == steps
+
+
+def test_deepspeed_zero2_trains_on_cpu(tmp_path, data):
+    uri, run_id = mlflow_run(tmp_path)
+    settings = TrainerSettings(steps=4, batch_size=2, grad_accum=2, lr=1e-3, checkpoint_every=2,
+                               strategy="deepspeed", zero_stage=2, threads=2)
+    result = train_student(data / "records", data / "student-init", tmp_path / "out", settings,
+                           LossConfig(objective="sad"), CurriculumConfig(ramp_steps=2),
+                           tracking_uri=uri, mlflow_run_id=run_id)
+    history = loss_history(uri, run_id)
+    assert [s for s, _ in history] == [1, 2, 3, 4]
+    assert all(np.isfinite(v) for _, v in history)
+    assert (Path(result.student_dir) / "model.safetensors").is_file()
+    ckpts = list((tmp_path / "out" / "ray_train" / "train").glob("checkpoint_*/deepspeed"))
+    assert ckpts, "DeepSpeed wrote no checkpoint"
+
+
+# -------------------------------------------------------------------------------- set-up errors, before Ray
+
+
+def test_empty_or_missing_records_stop_before_training(tmp_path, data):
+    (tmp_path / "empty").mkdir()
+    s = TrainerSettings(steps=1)
+    with pytest.raises(TrainSetupError, match="holds no record shards"):
+        train_student(tmp_path / "empty", data / "student-init", tmp_path / "out", s, LossConfig(), CurriculumConfig())
+    with pytest.raises(TrainSetupError, match="does not exist"):
+        train_student(tmp_path / "nope", data / "student-init", tmp_path / "out", s, LossConfig(), CurriculumConfig())
+
+
+def test_an_invalid_record_is_named_before_training(tmp_path, data):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sad_ray.records import SCHEMA, read_shard_table
+
+    table = read_shard_table(data / "records" / "part-00000.parquet")
+    rows = table.to_pylist()
+    rows[3]["tail_logprob"] = [0.5] * len(rows[3]["tail_logprob"])  # mass above 1
+    (tmp_path / "bad").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp_path / "bad" / "part-00000.parquet")
+    with pytest.raises(TrainSetupError, match=rf"record '{rows[3]['id']}'.*tail_logprob"):
+        train_student(tmp_path / "bad", data / "student-init", tmp_path / "out", TrainerSettings(steps=1),
+                      LossConfig(), CurriculumConfig())
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_model_or_another_tokenizer_stops_before_training(tmp_path, data):
+    from sad_ray.records import write_shard
+
+    s = TrainerSettings(steps=1)
+    with pytest.raises(TrainSetupError, match="not a Hugging Face directory"):
+        train_student(data / "records", tmp_path / "no-model", tmp_path / "out", s, LossConfig(), CurriculumConfig())
+    write_shard([make_record(f"r{i}", seed=i) for i in range(4)], tmp_path / "other" / "part-00000.parquet")
+    with pytest.raises(TrainSetupError, match="not the tokenizer the records were made with"):
+        train_student(tmp_path / "other", data / "student-init", tmp_path / "out", s, LossConfig(), CurriculumConfig())
+
+
+def test_a_batch_larger_than_the_data_is_refused(tmp_path, data):
+    with pytest.raises(TrainSetupError, match="fewer than train.batch_size"):
+        train_student(data / "records", data / "student-init", tmp_path / "out",
+                      TrainerSettings(steps=1, batch_size=16, grad_accum=2), LossConfig(), CurriculumConfig())
+
+
+def test_too_many_workers_for_the_cpus_is_refused(tmp_path, data):
+    import ray
+
+    cpus = ray.cluster_resources().get("CPU", 2) if ray.is_initialized() else os.cpu_count()
+    with pytest.raises(TrainSetupError, match="cpus_per_worker"):
+        train_student(data / "records", data / "student-init", tmp_path / "out",
+                      TrainerSettings(steps=1, batch_size=1, num_workers=2, cpus_per_worker=float(cpus)),
+                      LossConfig(), CurriculumConfig())
