@@ -65,11 +65,15 @@ def test_every_stage_is_a_child_run_in_mlflow(first_run):
     )
     by_stage = {c.data.tags["sad_ray.stage"]: c for c in children}
     assert set(by_stage) == {"models", "records", "train"}
+    # The student is in the model registry, pointing at the train run's artifacts.
+    registered = json.loads((tmp / "out" / "student" / "sad_ray_registered.json").read_text())
+    version = client.get_model_version(registered["name"], registered["version"])
+    assert version.run_id == by_stage["train"].info.run_id
     assert by_stage["records"].data.metrics["records_written"] == 3
     assert by_stage["records"].data.metrics["dropped/too_long"] == 1
     assert by_stage["models"].data.metrics["student_params"] < by_stage["models"].data.metrics["teacher_params"]
     history = client.get_metric_history(by_stage["train"].info.run_id, "loss_cot")
-    assert [m.step for m in history] == [0, 1, 2]
+    assert [m.step for m in history] == [1, 2, 3]
     assert "curriculum/open_fraction" in by_stage["train"].data.metrics
 
 

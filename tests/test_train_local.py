@@ -31,7 +31,7 @@ def test_training_lowers_the_loss_on_fixed_data(tmp_path, starter_dir, starter_t
     from sad_ray.models.tokenizers import tokenizer_fingerprint
     from sad_ray.rollout.engines import HFTeacherEngine
     from sad_ray.rollout.score import score_episodes
-    from sad_ray.train.local import collate, forward_loss, train_local
+    from sad_ray.train.local import SupervisedHead, collate, forward_loss, train_local
 
     torch.set_num_threads(2)
     student_dir = build_student(starter_dir, tmp_path / "student", 2).path
@@ -48,6 +48,30 @@ def test_training_lowers_the_loss_on_fixed_data(tmp_path, starter_dir, starter_t
 
     before = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     with torch.no_grad():
-        loss_before = float(forward_loss(before, batch, cfg, 49152).loss)
-        loss_after = float(forward_loss(model, batch, cfg, 49152).loss)
+        loss_before = float(forward_loss(SupervisedHead(before), batch, cfg, 49152).loss)
+        loss_after = float(forward_loss(SupervisedHead(model), batch, cfg, 49152).loss)
     assert loss_after < 0.7 * loss_before, (loss_before, loss_after)
+
+
+def test_the_head_on_supervised_rows_only_gives_the_full_forward_loss_and_gradients(tmp_path, starter_dir):
+    from transformers import AutoModelForCausalLM
+
+    from sad_ray.models.student import build_student
+    from sad_ray.train.local import SupervisedHead, collate, forward_loss
+
+    student_dir = build_student(starter_dir, tmp_path / "student", 2).path
+    records = [make_record(f"r{i}", seed=i, length=40, vocab=49152, k=5) for i in range(3)]
+    batch = collate(records, pad_id=0)
+    cfg = LossConfig()
+    results = []
+    for rows_only in (True, False):
+        torch.manual_seed(0)
+        model = SupervisedHead(AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32))
+        assert model.rows_only  # a Llama-style model qualifies
+        model.rows_only = rows_only
+        out = forward_loss(model, batch, cfg, 49152, bf16=False)
+        out.loss.backward()
+        grad = model.lm.get_input_embeddings().weight.grad.clone()
+        results.append((float(out.loss), grad))
+    assert abs(results[0][0] - results[1][0]) < 1e-5 * max(1.0, abs(results[1][0]))
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)

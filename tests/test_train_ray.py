@@ -143,7 +143,7 @@ def test_deepspeed_zero2_trains_on_cpu(tmp_path, data):
     assert [s for s, _ in history] == [1, 2, 3, 4]
     assert all(np.isfinite(v) for _, v in history)
     assert (Path(result.student_dir) / "model.safetensors").is_file()
-    ckpts = list((tmp_path / "out" / "ray_train" / "train").glob("checkpoint_*/deepspeed"))
+    ckpts = list((tmp_path / "out" / "ray_train").glob("train-*/checkpoint_*/deepspeed"))
     assert ckpts, "DeepSpeed wrote no checkpoint"
 
 

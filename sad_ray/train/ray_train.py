@@ -10,6 +10,7 @@ The final checkpoint carries the student as a Hugging Face directory, which the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -85,6 +86,7 @@ class DataSummary:
     teacher_model: str
     top_k: int
     bounds: tuple[list[float], list[float]]  # per-feature min and max of the complexity features
+    ids_digest: str  # sha256 over the sorted record ids: which data this is
 
 
 def scan_records(records_dir: str | Path, split: str = "train") -> DataSummary:
@@ -101,6 +103,7 @@ def scan_records(records_dir: str | Path, split: str = "train") -> DataSummary:
     if not shard_paths(records_dir):
         raise TrainSetupError(f"records directory {records_dir} holds no record shards (part-*.parquet)")
     feats: list[tuple[int, int, float]] = []
+    ids: list[str] = []
     fingerprints: set[str] = set()
     other, teacher, top_k = 0, "", 0
     try:
@@ -109,6 +112,7 @@ def scan_records(records_dir: str | Path, split: str = "train") -> DataSummary:
                 other += 1
                 continue
             feats.append((r.reasoning_length, r.action_length, r.teacher_entropy))
+            ids.append(r.id)
             fingerprints.add(r.tokenizer_fingerprint)
             teacher, top_k = r.teacher_model, r.top_k
     except RecordError as exc:
@@ -124,7 +128,8 @@ def scan_records(records_dir: str | Path, split: str = "train") -> DataSummary:
     arr = np.asarray(feats, dtype=np.float64).T
     return DataSummary(records=len(feats), supervised_tokens_hint=int(arr[0].sum() + arr[1].sum()),
                        fingerprint=fingerprints.pop(), teacher_model=teacher, top_k=top_k,
-                       bounds=(arr.min(axis=1).tolist(), arr.max(axis=1).tolist()))
+                       bounds=(arr.min(axis=1).tolist(), arr.max(axis=1).tolist()),
+                       ids_digest=hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest())
 
 
 def check_model(student_dir: str | Path, fingerprint: str, trust_remote_code: bool = False) -> int:
@@ -436,6 +441,15 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+def run_identity(summary: DataSummary, student_dir, settings: TrainerSettings, loss_cfg, curriculum_cfg) -> str:
+    """What makes two trainings the same run: data, start model, and every setting that changes the result."""
+    kept = {k: v for k, v in asdict(settings).items()
+            if k not in ("max_failures", "keep_checkpoints", "log_every", "checkpoint_every", "threads")}
+    key = {"data": summary.ids_digest, "student": str(Path(student_dir).resolve()), "settings": kept,
+           "loss": asdict(loss_cfg), "curriculum": asdict(curriculum_cfg)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def _check_resources(s: TrainerSettings) -> None:
     import ray
 
@@ -468,7 +482,8 @@ def train_student(
 ) -> TrainResult:
     """Train the student at `student_dir` on the records; the trained model lands in `out_dir/student`.
 
-    Reruns with the same `out_dir` resume from the last checkpoint (or return at once when training finished).
+    A run is identified by its data (record ids), start model and settings: rerunning it resumes from its last
+    checkpoint, or returns at once when it finished; changed data or settings start a new run.
     """
     import ray
     import ray.train
@@ -477,13 +492,15 @@ def train_student(
     out_dir = Path(out_dir).expanduser().resolve()
     final = out_dir / "student"
     done_marker = final / "sad_ray_train.json"
-    if done_marker.exists():
-        log.info("train: %s already holds the trained student", final)
-        saved = json.loads(done_marker.read_text())
-        return TrainResult(**saved["result"])
-
     summary = scan_records(records_dir, settings.split)
     vocab = check_model(student_dir, summary.fingerprint, trust_remote_code)
+    run_id = run_identity(summary, student_dir, settings, loss_cfg, curriculum_cfg)
+    if done_marker.exists():
+        saved = json.loads(done_marker.read_text())
+        if saved.get("run") == run_id:
+            log.info("train: %s already holds the student of this run (%s)", final, run_id)
+            return TrainResult(**saved["result"])
+        log.info("train: data or settings changed since %s was trained; training run %s", final, run_id)
     per_worker = summary.records // settings.num_workers
     if per_worker < settings.batch_size * settings.grad_accum:
         raise TrainSetupError(
@@ -515,7 +532,7 @@ def train_student(
             resources_per_worker={"CPU": settings.cpus_per_worker} if not settings.use_gpu else None,
         ),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(out_dir / "ray_train"),
+            name=f"{run_name}-{run_id}", storage_path=str(out_dir / "ray_train"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
             worker_runtime_env={"env_vars": {k: os.environ[k] for k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")
@@ -539,6 +556,7 @@ def train_student(
                       loss_cot=float(progress["loss_cot"]), loss_act=float(progress["loss_act"]),
                       tokens=int(progress["tokens"]), seconds=float(progress["seconds"]),
                       data_wait_seconds=float(progress["data_wait_seconds"]), checkpoint=str(result.checkpoint.path))
-    (tmp / "sad_ray_train.json").write_text(json.dumps({"result": asdict(res), "settings": asdict(settings)}, indent=2))
+    (tmp / "sad_ray_train.json").write_text(json.dumps({"result": asdict(res), "run": run_id,
+                                                        "settings": asdict(settings)}, indent=2))
     replace_dir(tmp, final)
     return res
