@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) bench/record_size.py
 	$(PY) bench/envs.py
 	$(PY) bench/rollout.py
+	$(PY) bench/train.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sad_ray jobs tests bench

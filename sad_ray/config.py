@@ -35,8 +35,9 @@ class PathsConfig:
 
 @dataclass(frozen=True)
 class ModelsConfig:
-    # "starter" (SmolLM2-135M-Instruct, provisioned offline) or a local Hugging Face directory.
-    teacher: str = "starter"
+    # "auto" (the bootstrapped teacher if jobs/bootstrap_teacher.py made one, else the starter), "starter"
+    # (SmolLM2-135M-Instruct, provisioned offline), "bootstrap[:<name>]" or a local Hugging Face directory.
+    teacher: str = "auto"
     # Empty: build the student from the teacher by keeping `student_layers` of its layers.
     student: str = ""
     student_layers: int = 6
@@ -66,7 +67,8 @@ class DataConfig:
     # {"id", "env", "task_type", "split", "turns": [{"role", "content"}, ...], "success", "reward", "steps"}),
     # or the scripted household seed trajectories ("seed").
     # "rollouts": the teacher plays the environments (section `rollout`) on Ray Data.
-    source: Literal["demos", "rollouts", "jsonl", "seed"] = "demos"
+    # "auto": rollouts when the teacher is a bootstrapped one (it can play), else demos.
+    source: Literal["auto", "demos", "rollouts", "jsonl", "seed"] = "auto"
     envs: tuple[str, ...] = ("alfworld", "webshop", "hotpotqa")
     episodes_per_env: int = 8
     trajectories: str = ""
@@ -77,7 +79,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.source == "jsonl" and not self.trajectories:
             raise ValueError("source 'jsonl' needs trajectories (a JSON-lines file)")
-        if self.source == "demos":
+        if self.source in ("demos", "auto"):
             from sad_ray.envs import ENVIRONMENTS
 
             unknown = [e for e in self.envs if e not in ENVIRONMENTS]
@@ -141,6 +143,18 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def resolve_auto(cfg: Config) -> Config:
+    """Settle `models.teacher: auto` and `data.source: auto` against what exists on this machine."""
+    teacher, source = cfg.models.teacher, cfg.data.source
+    if teacher == "auto":
+        home = Path(cfg.paths.cache_dir).expanduser() / "teachers" / cfg.bootstrap.name
+        teacher = f"bootstrap:{cfg.bootstrap.name}" if (home / "sad_ray_teacher.json").is_file() else "starter"
+    if source == "auto":
+        source = "rollouts" if teacher.startswith("bootstrap") else "demos"
+    return dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, teacher=teacher),
+                               data=dataclasses.replace(cfg.data, source=source))
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:

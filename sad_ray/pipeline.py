@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from sad_ray import tracking
-from sad_ray.config import Config, to_flat_dict
+from sad_ray.config import Config, resolve_auto, to_flat_dict
 from sad_ray.envs.base import Episode
 from sad_ray.envs.seed import seed_episodes
 from sad_ray.records import ShardWriter, existing_ids, iter_records, read_records, write_jsonl
@@ -185,6 +185,7 @@ def run_train_job(cfg: Config) -> dict:
     import torch
 
     torch.set_num_threads(cfg.train.threads)
+    cfg = resolve_auto(cfg)
     out = Path(cfg.paths.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     with tracking.job_run(cfg, "train_student") as run:
@@ -198,6 +199,8 @@ def run_distill(cfg: Config) -> dict:
     import torch
 
     torch.set_num_threads(cfg.train.threads)
+    cfg = resolve_auto(cfg)
+    log.info("distill: teacher %s, trajectories from %s", cfg.models.teacher, cfg.data.source)
     out = Path(cfg.paths.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     with tracking.job_run(cfg, "distill") as run:
@@ -219,6 +222,7 @@ def run_rollout_job(cfg: Config) -> dict:
     """The rollout stage on its own (`jobs/rollout.py`): records from the teacher's play, into output_dir."""
     from sad_ray.models.starter import resolve_model
 
+    cfg = resolve_auto(cfg)
     out = Path(cfg.paths.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     with tracking.job_run(cfg, "rollout") as run:

@@ -19,7 +19,7 @@ def small_config(tmp_path, *extra):
     return load_config(None, [
         f"paths.cache_dir={cache_dir()}", f"paths.output_dir={tmp_path / 'out'}",
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=test",
-        "data.source=demos", "data.envs=[webshop, hotpotqa]", "data.episodes_per_env=2", "data.max_tokens=1600",
+        "models.teacher=starter", "data.source=demos", "data.envs=[webshop, hotpotqa]", "data.episodes_per_env=2", "data.max_tokens=1600",
         "models.student_layers=2", "records.top_k=8", "records.records_per_shard=2",
         "train.steps=3", "train.batch_size=2", "curriculum.ramp_steps=2", *extra,
     ])

@@ -64,7 +64,8 @@ def test_the_rollout_job_plays_all_three_environments_with_vllm(tmp_path):
     args = [sys.executable, str(root / "jobs" / "rollout.py"), "--config", str(root / "configs" / "default.yaml"),
             f"paths.cache_dir={cache_dir()}", f"paths.output_dir={tmp_path / 'out'}", f"tracking.tracking_uri={db}",
             "rollout.tasks_per_env=1", "rollout.keep=all", "rollout.max_steps=2", "rollout.max_new_tokens=16",
-            "rollout.engine.kind=vllm", "rollout.cpus_per_actor=1", "records.top_k=5", "data.max_tokens=4096"]
+            "rollout.engine.kind=vllm", "rollout.cpus_per_actor=1", "records.top_k=5", "data.max_tokens=4096",
+            "models.teacher=starter"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     records = read_records(tmp_path / "out" / "records")
