@@ -25,10 +25,10 @@ def small(kind: str, **kw) -> RolloutConfig:
     })
 
 
-@pytest.mark.parametrize("kind", ["hf", "vllm"])
-def test_rollouts_write_validated_shards_and_resume(ray_local, starter_dir, tmp_path, kind):
+@pytest.mark.parametrize("kind,scorer", [("hf", "same"), ("vllm", "same"), ("vllm", "hf")])
+def test_rollouts_write_validated_shards_and_resume(ray_local, starter_dir, tmp_path, kind, scorer):
     out = tmp_path / "records"
-    report = run_rollouts(starter_dir, out, small(kind), SegmentSettings(top_k=5, max_tokens=4096),
+    report = run_rollouts(starter_dir, out, small(kind, score_engine=scorer), SegmentSettings(top_k=5, max_tokens=4096),
                           records_per_shard=3)
     assert report.episodes == 4
     assert report.written + sum(report.dropped.values()) == 4
@@ -38,7 +38,7 @@ def test_rollouts_write_validated_shards_and_resume(ray_local, starter_dir, tmp_
     for r in records:
         assert r.env in ("hotpotqa", "webshop") and 1 <= r.steps <= 2 and r.top_k == 5
         assert r.teacher_model == str(starter_dir)
-    again = run_rollouts(starter_dir, out, small(kind), SegmentSettings(top_k=5, max_tokens=4096))
+    again = run_rollouts(starter_dir, out, small(kind, score_engine=scorer), SegmentSettings(top_k=5, max_tokens=4096))
     assert again.skipped_existing == report.written and again.written + sum(again.dropped.values()) == 4 - report.written
 
 

@@ -132,6 +132,24 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path, data):
     assert json.loads((Path(out[0].student_dir) / "sad_ray_train.json").read_text())["result"]["steps"] == steps
 
 
+def test_two_ddp_workers_train_on_disjoint_shards(tmp_path, data):
+    import torch
+
+    from sad_ray.records import read_records
+
+    settings = TrainerSettings(steps=4, batch_size=2, lr=1e-3, checkpoint_every=2, num_workers=2,
+                               cpus_per_worker=0.5, threads=1)
+    result = train_student(data / "records", data / "student-init", tmp_path / "out", settings,
+                           LossConfig(objective="sad"), CurriculumConfig(ramp_steps=2))
+    assert result.steps == 4 and np.isfinite(result.loss)
+    (ckpt,) = [p for p in (tmp_path / "out" / "ray_train").glob("train-*/checkpoint_*")
+               if json.loads((p / "progress.json").read_text())["step"] == 4]
+    shards = [torch.load(ckpt / f"worker-{rank}.pt", weights_only=False)["sampler"]["ids"] for rank in (0, 1)]
+    assert not set(shards[0]) & set(shards[1])
+    assert set(shards[0]) | set(shards[1]) == {r.id for r in read_records(data / "records")}
+    assert (ckpt / "state.pt").is_file() and (ckpt / "hf" / "config.json").is_file()
+
+
 def test_deepspeed_zero2_trains_on_cpu(tmp_path, data):
     uri, run_id = mlflow_run(tmp_path)
     settings = TrainerSettings(steps=4, batch_size=2, grad_accum=2, lr=1e-3, checkpoint_every=2,
