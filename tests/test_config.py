@@ -83,3 +83,21 @@ def test_configs_are_frozen():
     cfg = Config()
     with pytest.raises(AttributeError):
         cfg.train.steps = 3  # type: ignore[misc]
+
+
+def test_the_shipped_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    gpu = load_config(root / "gpu.yaml")
+    assert gpu.train.strategy == "deepspeed" and gpu.train.zero_stage == 3 and gpu.train.use_gpu
+    assert gpu.rollout.gpus_per_actor == 1 and gpu.rollout.engine.dtype == "bfloat16"
+    default = load_config(root / "default.yaml")
+    assert default.train.strategy == "ddp" and default.models.teacher == "auto"
+
+
+def test_a_nested_override_keeps_the_sections_own_defaults():
+    cfg = load_config(None, ["bootstrap.train.steps=5"])
+    # bootstrap.train has its own defaults (not TrainerSettings'); overriding one key keeps the others.
+    assert cfg.bootstrap.train.steps == 5
+    assert cfg.bootstrap.train.schedule == "cosine" and cfg.bootstrap.train.checkpoint_every == 20
