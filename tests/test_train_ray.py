@@ -219,3 +219,51 @@ def test_too_many_workers_for_the_cpus_is_refused(tmp_path, data):
         train_student(data / "records", data / "student-init", tmp_path / "out",
                       TrainerSettings(steps=1, batch_size=1, num_workers=2, cpus_per_worker=float(cpus)),
                       LossConfig(), CurriculumConfig())
+
+
+RUN_TRAINING = """
+import sys
+from pathlib import Path
+from sad_ray.method.curriculum import CurriculumConfig
+from sad_ray.method.losses import LossConfig
+from sad_ray.train.ray_train import TrainerSettings, train_student
+
+records, student, out, uri, run_id = sys.argv[1:6]
+settings = TrainerSettings(steps=12, batch_size=2, lr=5e-4, checkpoint_every=3, threads=1)
+r = train_student(Path(records), Path(student), Path(out), settings, LossConfig(), CurriculumConfig(ramp_steps=4),
+                  run_name="crash", tracking_uri=uri, mlflow_run_id=run_id)
+print("STEPS", r.steps)
+"""
+
+
+def test_a_crashed_job_resumes_when_rerun(tmp_path, data):
+    """The whole driver is killed (SIGKILL) mid-run; running the same command again continues from the last
+    checkpoint instead of starting over."""
+    import subprocess
+    import sys
+
+    uri, run_id = mlflow_run(tmp_path)
+    script = tmp_path / "train.py"
+    script.write_text(RUN_TRAINING)
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, str(script), str(data / "records"), str(data / "student-init"), str(tmp_path / "out"),
+            uri, run_id]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and max([s for s, _ in loss_history(uri, run_id)], default=0) < 5:
+            time.sleep(0.2)
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+        proc.wait()
+    killed_at = max(s for s, _ in loss_history(uri, run_id))
+    assert 5 <= killed_at < 12
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "STEPS 12" in done.stdout
+    resumed = loss_history(uri, run_id, "train/resumed_from_step")
+    assert resumed and 3 <= resumed[0][1] <= killed_at
+    logged = [s for s, _ in loss_history(uri, run_id)]
+    assert sorted(set(logged)) == list(range(1, 13))
