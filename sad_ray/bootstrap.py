@@ -34,7 +34,7 @@ def teacher_home(cfg: Config) -> Path:
 def settings_hash(cfg: Config) -> str:
     """What makes two bootstrapped teachers the same: base model, data, training, prompt window."""
     b = cfg.bootstrap
-    key = {"base": b.base, "envs": b.envs, "demos": b.demos, "train": asdict(b.train),
+    key = {"base": b.base, "envs": b.envs, "demos": b.demos, "train": asdict(b.train), "curriculum": asdict(b.curriculum),
            "context_chars": cfg.rollout.context_chars, "format": cfg.segment.format}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -93,7 +93,6 @@ def demo_records(cfg: Config, base_dir: Path, records_dir: Path) -> ScoreReport:
 def run_bootstrap(cfg: Config) -> dict[str, Any]:
     """`jobs/bootstrap_teacher.py`: build (or reuse) the bootstrapped teacher; returns its summary."""
     from sad_ray.eval.agent_eval import evaluate_agent
-    from sad_ray.method.curriculum import CurriculumConfig
     from sad_ray.method.losses import LossConfig
     from sad_ray.models.starter import resolve_model
     from sad_ray.pipeline import env_kwargs
@@ -127,7 +126,7 @@ def run_bootstrap(cfg: Config) -> dict[str, Any]:
                 as train_run:
             result = train_student(
                 work / "records", base, work, cfg.bootstrap.train, LossConfig(objective="sft"),
-                CurriculumConfig(ramp_steps=max(1, cfg.bootstrap.train.steps // 2)), run_name="bootstrap",
+                cfg.bootstrap.curriculum, run_name="bootstrap",
                 tracking_uri=cfg.tracking.tracking_uri, mlflow_run_id=train_run.info.run_id,
                 trust_remote_code=cfg.models.trust_remote_code,
             )
@@ -135,7 +134,8 @@ def run_bootstrap(cfg: Config) -> dict[str, Any]:
         with tracking.stage_run("eval", {"eval_tasks": cfg.bootstrap.eval_tasks}):
             tasks = env_tasks(cfg, "test", cfg.bootstrap.eval_tasks)
             evaluation = evaluate_agent(
-                result.student_dir, tasks, cfg.rollout.engine, max_new_tokens=cfg.bootstrap.eval_max_new_tokens,
+                result.student_dir, tasks, cfg.bootstrap.eval_engine, max_new_tokens=cfg.bootstrap.eval_max_new_tokens,
+                max_in_flight=cfg.bootstrap.eval_in_flight,
                 max_steps=cfg.bootstrap.eval_max_steps,
                 context_chars=cfg.rollout.context_chars, env_kwargs=env_kwargs(cfg))
             metrics = evaluation.metrics("eval")

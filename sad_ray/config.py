@@ -17,6 +17,7 @@ import yaml
 
 from sad_ray.method.curriculum import CurriculumConfig
 from sad_ray.method.losses import LossConfig
+from sad_ray.rollout.engines import EngineConfig
 from sad_ray.rollout.pipeline import RolloutConfig
 from sad_ray.train.ray_train import TrainerSettings
 
@@ -105,6 +106,10 @@ class BootstrapConfig:
     demos: tuple[int, ...] = (360, 60, 60)
     eval_tasks: tuple[int, ...] = (60, 15, 15)
     eval_max_new_tokens: int = 100
+    # Evaluation replays a growing context every turn: bf16 and a larger KV cache keep prefills affordable on CPU.
+    eval_engine: EngineConfig = field(default_factory=lambda: EngineConfig(dtype="bfloat16", kv_cache_gib=4.0))
+    eval_in_flight: int = 16
+    curriculum: CurriculumConfig = field(default_factory=lambda: CurriculumConfig(ramp_steps=60))
     # Step limit in evaluation; null keeps each environment's own (ALFWorld 50, WebShop 15, HotPotQA 8).
     eval_max_steps: int | None = None
     train: TrainerSettings = field(default_factory=lambda: TrainerSettings(
@@ -288,6 +293,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string; it is a number to anyone else
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)

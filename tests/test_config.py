@@ -101,3 +101,9 @@ def test_a_nested_override_keeps_the_sections_own_defaults():
     # bootstrap.train has its own defaults (not TrainerSettings'); overriding one key keeps the others.
     assert cfg.bootstrap.train.steps == 5
     assert cfg.bootstrap.train.schedule == "cosine" and cfg.bootstrap.train.checkpoint_every == 20
+
+
+def test_exponent_notation_is_a_number():
+    assert load_config(None, ["train.lr=1e-4"]).train.lr == 1e-4
+    with pytest.raises(ConfigError, match="train.lr must be a number"):
+        load_config(None, ["train.lr=fast"])
