@@ -13,6 +13,8 @@ from sad_ray.rollout.pipeline import RolloutConfig, SegmentSettings, run_rollout
 def ray_local():
     import ray
 
+    if ray.is_initialized():  # an earlier test (a training run) started Ray in this process
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -82,54 +81,81 @@ def test_sad_training_lowers_the_loss_and_saves_a_student(tmp_path, data):
     assert again == result and time.perf_counter() - start < 5
 
 
-def _train_worker_pids() -> list[int]:
-    """PIDs of this Ray cluster's live train workers (not those of any other cluster on the machine)."""
-    from ray.util.state import list_actors
+KILL_A_WORKER = """
+import json, os, signal, sys, threading, time
+from pathlib import Path
+import mlflow
+from ray._private.worker import global_worker
+from ray.util.state import list_actors
+from sad_ray.method.curriculum import CurriculumConfig
+from sad_ray.method.losses import LossConfig
+from sad_ray.train.ray_train import TrainerSettings, train_student
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    return [a.pid for a in actors if a.pid]
+records, student, out, uri, run_id = sys.argv[1:6]
+settings = TrainerSettings(steps=14, batch_size=2, lr=5e-4, checkpoint_every=3, max_failures=2, threads=1)
+result, errors = [], []
+
+def run():
+    try:
+        result.append(train_student(Path(records), Path(student), Path(out), settings, LossConfig(),
+                                    CurriculumConfig(ramp_steps=4), run_name="killed", tracking_uri=uri,
+                                    mlflow_run_id=run_id))
+    except BaseException as exc:
+        errors.append(repr(exc))
+
+def steps():
+    return [m.step for m in mlflow.MlflowClient(uri).get_metric_history(run_id, "loss")]
+
+thread = threading.Thread(target=run)
+thread.start()
+deadline = time.time() + 300
+while time.time() < deadline and max(steps(), default=0) < 5:  # two steps past the first checkpoint
+    time.sleep(0.2)
+# This process's cluster only: another one on the machine is not ours.
+dashboard = global_worker.node.address_info["webui_url"]
+pids = [a.pid for a in list_actors(address=f"http://{dashboard}",
+                                   filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+for pid in pids:
+    os.kill(pid, signal.SIGKILL)
+killed_at = max(steps())
+thread.join(timeout=600)
+print("RESULT", json.dumps({"pids": pids, "killed_at": killed_at, "errors": errors,
+                            "steps": result[0].steps if result else None,
+                            "student": result[0].student_dir if result else None}))
+"""
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path, data):
+    """A training worker is SIGKILLed mid-run; Ray Train restarts it from the last checkpoint and the run ends
+    with every step done. (Run in its own process, so the killed worker's cluster cannot disturb the suite.)"""
+    import subprocess
+    import sys
+
     uri, run_id = mlflow_run(tmp_path)
     steps = 14
-    settings = TrainerSettings(steps=steps, batch_size=2, lr=5e-4, checkpoint_every=3, max_failures=2, threads=1)
-    out: list = []
-    errors: list = []
-
-    def run() -> None:
-        try:
-            out.append(train_student(data / "records", data / "student-init", tmp_path / "out", settings,
-                                     LossConfig(objective="sad"), CurriculumConfig(ramp_steps=4),
-                                     run_name="killed", tracking_uri=uri, mlflow_run_id=run_id))
-        except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    # Kill once training has gone two steps past its first checkpoint (so Ray Train has registered it).
-    deadline = time.time() + 300
-    while time.time() < deadline and max([s for s, _ in loss_history(uri, run_id)], default=0) < 5:
-        time.sleep(0.2)
-    pids = _train_worker_pids()
-    assert pids, "no Ray Train worker process found"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    killed_at = max(s for s, _ in loss_history(uri, run_id))
-    assert killed_at < steps, "training finished before the kill; make the run longer"
-    thread.join(timeout=600)
-    assert not errors, errors
-    assert out and out[0].steps == steps
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_A_WORKER)
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(script), str(data / "records"), str(data / "student-init"),
+                           str(tmp_path / "out"), uri, run_id], env={**os.environ, "PYTHONPATH": str(root)},
+                          capture_output=True, text=True, timeout=900)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out["pids"], "no Ray Train worker process found"
+    assert not out["errors"], out["errors"]
+    killed_at = out["killed_at"]
+    assert 5 <= killed_at < steps and out["steps"] == steps
     resumed = loss_history(uri, run_id, "train/resumed_from_step")
     assert resumed, "the run never resumed from a checkpoint"
     resumed_from = int(resumed[0][1])
-    assert resumed_from >= 3 and resumed_from % 3 == 0 and resumed_from <= max(killed_at, 3)
+    assert resumed_from >= 3 and resumed_from % 3 == 0 and resumed_from <= killed_at
     logged = [s for s, _ in loss_history(uri, run_id)]
     # Every step ran; only the steps between the checkpoint and the kill ran twice.
     assert sorted(set(logged)) == list(range(1, steps + 1))
     repeated = sorted({s for s in logged if logged.count(s) > 1})
     assert all(resumed_from < s <= killed_at + 1 for s in repeated), (repeated, resumed_from, killed_at)
-    assert json.loads((Path(out[0].student_dir) / "sad_ray_train.json").read_text())["result"]["steps"] == steps
+    assert json.loads((Path(out["student"]) / "sad_ray_train.json").read_text())["result"]["steps"] == steps
 
 
 def test_two_ddp_workers_train_on_disjoint_shards(tmp_path, data):
@@ -142,7 +168,7 @@ def test_two_ddp_workers_train_on_disjoint_shards(tmp_path, data):
     result = train_student(data / "records", data / "student-init", tmp_path / "out", settings,
                            LossConfig(objective="sad"), CurriculumConfig(ramp_steps=2))
     assert result.steps == 4 and np.isfinite(result.loss)
-    (ckpt,) = [p for p in (tmp_path / "out" / "ray_train").glob("train-*/checkpoint_*")
+    (ckpt,) = [p for p in (tmp_path / "out" / "ray_train").glob("train-*/checkpoint_2*")
                if json.loads((p / "progress.json").read_text())["step"] == 4]
     shards = [torch.load(ckpt / f"worker-{rank}.pt", weights_only=False)["sampler"]["ids"] for rank in (0, 1)]
     assert not set(shards[0]) & set(shards[1])
