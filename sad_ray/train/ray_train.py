@@ -368,7 +368,7 @@ def _save(d: Path, step, module, optimizer, scheduler, sampler, ids, engine, ran
     sampler_state = {"step": sampler.step, "ids": ids, "running_loss": sampler.running_loss.copy()}
     torch.save({"sampler": sampler_state, "rng": _rng_state()}, d / f"worker-{rank}.pt")
     if engine is not None:
-        engine.save_checkpoint(str(d / "deepspeed"), tag="latest")  # collective: every rank writes its part
+        engine.save_checkpoint(str(d / "deepspeed"), tag="state")  # collective: every rank writes its part
     elif rank == 0:
         torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict()}, d / "state.pt")
@@ -383,7 +383,7 @@ def _restore(d: Path, module, optimizer, scheduler, sampler, ids, engine, rank) 
 
     step = json.loads((d / "progress.json").read_text())["step"]
     if engine is not None:
-        engine.load_checkpoint(str(d / "deepspeed"), tag="latest")
+        engine.load_checkpoint(str(d / "deepspeed"), tag="state")
     else:
         state = torch.load(d / "state.pt", weights_only=False)
         module.load_state_dict(state["model"])
