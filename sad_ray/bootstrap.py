@@ -19,16 +19,17 @@ from typing import Any
 from sad_ray import tracking
 from sad_ray.config import Config, to_flat_dict
 from sad_ray.envs.base import Task
+from sad_ray.models.starter import TEACHER_MANIFEST, bootstrapped_teacher_dir
 from sad_ray.records import ShardWriter, existing_ids
 from sad_ray.rollout.score import ScoreReport, episode_id, score_episodes
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "sad_ray_teacher.json"
+MANIFEST = TEACHER_MANIFEST
 
 
 def teacher_home(cfg: Config) -> Path:
-    return Path(cfg.paths.cache_dir).expanduser() / "teachers" / cfg.bootstrap.name
+    return bootstrapped_teacher_dir(Path(cfg.paths.cache_dir), cfg.bootstrap.name)
 
 
 def settings_hash(cfg: Config) -> str:

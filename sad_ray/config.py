@@ -154,8 +154,10 @@ def resolve_auto(cfg: Config) -> Config:
     """Settle `models.teacher: auto` and `data.source: auto` against what exists on this machine."""
     teacher, source = cfg.models.teacher, cfg.data.source
     if teacher == "auto":
-        home = Path(cfg.paths.cache_dir).expanduser() / "teachers" / cfg.bootstrap.name
-        teacher = f"bootstrap:{cfg.bootstrap.name}" if (home / "sad_ray_teacher.json").is_file() else "starter"
+        from sad_ray.models.starter import TEACHER_MANIFEST, bootstrapped_teacher_dir
+
+        home = bootstrapped_teacher_dir(Path(cfg.paths.cache_dir), cfg.bootstrap.name)
+        teacher = f"bootstrap:{cfg.bootstrap.name}" if (home / TEACHER_MANIFEST).is_file() else "starter"
     if source == "auto":
         source = "rollouts" if teacher.startswith("bootstrap") else "demos"
     return dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, teacher=teacher),

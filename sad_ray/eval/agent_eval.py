@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sad_ray.envs.base import Episode, Task
-from sad_ray.rollout.agent import PlayConfig, PlayStats, parse_action, play
+from sad_ray.rollout.agent import PlayConfig, PlayStats, play
 from sad_ray.rollout.engines import EngineConfig, SamplingConfig, make_engine
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,3 @@ def evaluate_agent(
     report.turns_without_action = stats.turns_without_action
     return report
 
-
-def actions_of(ep: Episode) -> list[str | None]:
-    return [parse_action(t["content"]) for t in ep.turns if t["role"] == "assistant"]

@@ -68,13 +68,22 @@ def provision_starter(cache_dir: Path, wheel: Path | None = None) -> Path:
     return target
 
 
+TEACHER_MANIFEST = "sad_ray_teacher.json"
+DEFAULT_TEACHER = "react-teacher"
+
+
+def bootstrapped_teacher_dir(cache_dir: Path, name: str = DEFAULT_TEACHER) -> Path:
+    """Where jobs/bootstrap_teacher.py puts the teacher `name` (complete once TEACHER_MANIFEST is in it)."""
+    return Path(cache_dir).expanduser() / "teachers" / name
+
+
 def resolve_model(spec: str, cache_dir: Path) -> Path:
     """Map a model spec to a local HF directory: `starter[:smollm2-135m-instruct]`, `bootstrap[:<name>]` (a
     teacher made by jobs/bootstrap_teacher.py, default name react-teacher) or a directory path."""
     if spec == "bootstrap" or spec.startswith("bootstrap:"):
-        name = spec.partition(":")[2] or "react-teacher"
-        path = cache_dir / "teachers" / name
-        if not (path / "sad_ray_teacher.json").is_file():
+        name = spec.partition(":")[2] or DEFAULT_TEACHER
+        path = bootstrapped_teacher_dir(cache_dir, name)
+        if not (path / TEACHER_MANIFEST).is_file():
             raise FileNotFoundError(
                 f"no bootstrapped teacher {name!r} at {path}; run `python jobs/bootstrap_teacher.py` first "
                 "(bootstrap.name sets the name), or set models.teacher to 'starter' or a model directory")

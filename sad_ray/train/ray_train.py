@@ -18,7 +18,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -81,10 +80,7 @@ class TrainerSettings:
 @dataclass(frozen=True)
 class DataSummary:
     records: int
-    supervised_tokens_hint: int
     fingerprint: str
-    teacher_model: str
-    top_k: int
     bounds: tuple[list[float], list[float]]  # per-feature min and max of the complexity features
     ids_digest: str  # sha256 over the sorted record ids: which data this is
 
@@ -105,7 +101,7 @@ def scan_records(records_dir: str | Path, split: str = "train") -> DataSummary:
     feats: list[tuple[int, int, float]] = []
     ids: list[str] = []
     fingerprints: set[str] = set()
-    other, teacher, top_k = 0, "", 0
+    other = 0
     try:
         for r in iter_records(records_dir):
             if r.split != split:
@@ -114,7 +110,6 @@ def scan_records(records_dir: str | Path, split: str = "train") -> DataSummary:
             feats.append((r.reasoning_length, r.action_length, r.teacher_entropy))
             ids.append(r.id)
             fingerprints.add(r.tokenizer_fingerprint)
-            teacher, top_k = r.teacher_model, r.top_k
     except RecordError as exc:
         raise TrainSetupError(f"invalid training data: {exc}") from None
     except (OSError, ValueError) as exc:  # an unreadable or foreign Parquet file
@@ -126,8 +121,7 @@ def scan_records(records_dir: str | Path, split: str = "train") -> DataSummary:
         raise TrainSetupError(f"records in {records_dir} were tokenized by {len(fingerprints)} different tokenizers; "
                               "train on one tokenizer's records")
     arr = np.asarray(feats, dtype=np.float64).T
-    return DataSummary(records=len(feats), supervised_tokens_hint=int(arr[0].sum() + arr[1].sum()),
-                       fingerprint=fingerprints.pop(), teacher_model=teacher, top_k=top_k,
+    return DataSummary(records=len(feats), fingerprint=fingerprints.pop(),
                        bounds=(arr.min(axis=1).tolist(), arr.max(axis=1).tolist()),
                        ids_digest=hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest())
 
@@ -478,7 +472,6 @@ def train_student(
     tracking_uri: str | None = None,
     mlflow_run_id: str | None = None,
     trust_remote_code: bool = False,
-    on_start: Callable[[DataSummary], None] | None = None,
 ) -> TrainResult:
     """Train the student at `student_dir` on the records; the trained model lands in `out_dir/student`.
 
@@ -514,8 +507,6 @@ def train_student(
         ray.init(ignore_reinit_error=True, log_to_driver=True)
     _check_resources(settings)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    if on_start is not None:
-        on_start(summary)
 
     # Each worker keeps the rows of `settings.split` from its own shard (see _load_shard).
     dataset = ray.data.read_parquet([str(p) for p in shard_paths(records_dir)], num_cpus=0.25)
