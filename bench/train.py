@@ -3,7 +3,8 @@
 - supervised tokens per second with the SAD loss vs plain cross entropy (goal: SAD >= 0.9x CE);
 - the fraction of the trainer's wall time spent waiting for data (reading and validating its shard, collating
   batches; goal: <= 10%);
-- the same short run under DDP and under DeepSpeed ZeRO-2 on CPU (ratio printed).
+- the same short run under DDP and under DeepSpeed ZeRO-2 on CPU (ratio printed);
+- the same run with gradient checkpointing: throughput and the worker's peak memory against plain DDP.
 
 Records: expert demonstrations of the three environments, windowed like rollouts, scored top-20 by the starter
 (HF engine). Student: `--layers` layers kept from the starter. `python bench/train.py [--steps 24 --episodes 8]`.
@@ -70,24 +71,30 @@ def main() -> None:
         student = build_student(starter, root / "student", args.layers).path
         print(f"records ready in {time.perf_counter() - t:.0f} s")
         runs = {
-            "sad (ddp)": (LossConfig(objective="sad"), "ddp"),
-            "ce (ddp)": (LossConfig(objective="sft"), "ddp"),
-            "sad (deepspeed zero-2)": (LossConfig(objective="sad"), "deepspeed"),
+            "sad (ddp)": (LossConfig(objective="sad"), "ddp", False),
+            "ce (ddp)": (LossConfig(objective="sft"), "ddp", False),
+            "sad (deepspeed zero-2)": (LossConfig(objective="sad"), "deepspeed", False),
+            "sad (ddp, grad ckpt)": (LossConfig(objective="sad"), "ddp", True),
         }
         results = {}
-        for name, (loss, strategy) in runs.items():
+        for name, (loss, strategy, checkpointing) in runs.items():
             settings = TrainerSettings(steps=args.steps, batch_size=args.batch_size, checkpoint_every=args.steps,
-                                       strategy=strategy, zero_stage=2, threads=2)
+                                       strategy=strategy, zero_stage=2, threads=2,
+                                       gradient_checkpointing=checkpointing)
             r = train_student(root / "records", student, root / name.replace(" ", "_"), settings, loss,
                               CurriculumConfig(ramp_steps=args.steps // 2))
             results[name] = r
             print(f"{name:24s} {r.tokens} supervised tokens in {r.seconds:.1f} s: {r.tokens_per_second:.0f} tok/s, "
-                  f"data wait {r.data_wait_seconds:.2f} s ({r.data_wait_seconds / r.seconds:.1%})")
+                  f"data wait {r.data_wait_seconds:.2f} s ({r.data_wait_seconds / r.seconds:.1%}), "
+                  f"peak memory {r.peak_memory_gb:.2f} GB")
         sad, ce, ds = results["sad (ddp)"], results["ce (ddp)"], results["sad (deepspeed zero-2)"]
+        gc = results["sad (ddp, grad ckpt)"]
         summary = {
             "sad_over_ce_throughput": sad.tokens_per_second / ce.tokens_per_second,
             "data_wait_fraction_sad": sad.data_wait_seconds / sad.seconds,
             "deepspeed_zero2_over_ddp_throughput": ds.tokens_per_second / sad.tokens_per_second,
+            "grad_ckpt_over_ddp_throughput": gc.tokens_per_second / sad.tokens_per_second,
+            "grad_ckpt_over_ddp_peak_memory": gc.peak_memory_gb / sad.peak_memory_gb,
         }
         print(json.dumps(summary, indent=2))
         ok = summary["sad_over_ce_throughput"] >= 0.9 and summary["data_wait_fraction_sad"] <= 0.10

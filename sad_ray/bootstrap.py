@@ -22,6 +22,7 @@ from sad_ray.envs.base import Task
 from sad_ray.models.starter import TEACHER_MANIFEST, bootstrapped_teacher_dir
 from sad_ray.records import ShardWriter, existing_ids
 from sad_ray.rollout.score import ScoreReport, episode_id, score_episodes
+from sad_ray.train.ray_train import result_settings
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ def teacher_home(cfg: Config) -> Path:
 def settings_hash(cfg: Config) -> str:
     """What makes two bootstrapped teachers the same: base model, data, training, prompt window."""
     b = cfg.bootstrap
-    key = {"base": b.base, "envs": b.envs, "demos": b.demos, "train": asdict(b.train), "curriculum": asdict(b.curriculum),
+    key = {"base": b.base, "envs": b.envs, "demos": b.demos, "train": result_settings(b.train),
+           "curriculum": asdict(b.curriculum),
            "context_chars": cfg.rollout.context_chars, "format": cfg.segment.format}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -75,3 +75,29 @@ def test_the_head_on_supervised_rows_only_gives_the_full_forward_loss_and_gradie
         results.append((float(out.loss), grad))
     assert abs(results[0][0] - results[1][0]) < 1e-5 * max(1.0, abs(results[1][0]))
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path, starter_dir):
+    """train.gradient_checkpointing recomputes activations in backward: the run must stay the same run."""
+    from transformers import AutoModelForCausalLM
+
+    from sad_ray.models.student import build_student
+    from sad_ray.train.local import SupervisedHead, collate, forward_loss
+
+    student_dir = build_student(starter_dir, tmp_path / "student", 2).path
+    batch = collate([make_record(f"r{i}", seed=i, length=40, vocab=49152, k=5) for i in range(3)], pad_id=0)
+    results = []
+    for checkpointing in (False, True):
+        lm = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+        lm.config.use_cache = False
+        if checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = SupervisedHead(lm).train()
+        out = forward_loss(model, batch, LossConfig(), 49152, bf16=False)
+        out.loss.backward()
+        layer = model.lm.get_decoder().layers[0].mlp.down_proj.weight.grad
+        assert layer is not None and layer.abs().sum() > 0
+        results.append((float(out.loss), layer.clone(), lm.is_gradient_checkpointing))
+    assert results[1][2] and not results[0][2]
+    assert abs(results[0][0] - results[1][0]) < 1e-6 * max(1.0, abs(results[0][0]))
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-7)

@@ -65,7 +65,7 @@ def test_sad_training_lowers_the_loss_and_saves_a_student(tmp_path, data):
     first, last = np.mean([v for _, v in history[:2]]), np.mean([v for _, v in history[-2:]])
     assert last < 0.7 * first, history
     for key in ("loss_cot", "loss_act", "lr", "tokens_per_second", "curriculum/open_fraction",
-                "curriculum/weight_entropy", "data_wait_fraction"):
+                "curriculum/weight_entropy", "data_wait_fraction", "peak_memory_gb"):
         assert loss_history(uri, run_id, key), key
     assert result.steps == 10 and result.tokens > 0
     student = Path(result.student_dir)
@@ -163,8 +163,9 @@ def test_two_ddp_workers_train_on_disjoint_shards(tmp_path, data):
 
     from sad_ray.records import read_records
 
+    # Gradient checkpointing under DDP: recomputation must not break gradient synchronisation.
     settings = TrainerSettings(steps=4, batch_size=2, lr=1e-3, checkpoint_every=2, num_workers=2,
-                               cpus_per_worker=0.5, threads=1)
+                               cpus_per_worker=0.5, threads=1, gradient_checkpointing=True)
     result = train_student(data / "records", data / "student-init", tmp_path / "out", settings,
                            LossConfig(objective="sad"), CurriculumConfig(ramp_steps=2))
     assert result.steps == 4 and np.isfinite(result.loss)
@@ -254,17 +255,18 @@ from sad_ray.method.curriculum import CurriculumConfig
 from sad_ray.method.losses import LossConfig
 from sad_ray.train.ray_train import TrainerSettings, train_student
 
-records, student, out, uri, run_id = sys.argv[1:6]
-settings = TrainerSettings(steps=12, batch_size=2, lr=5e-4, checkpoint_every=3, threads=1)
+records, student, out, uri, run_id, strategy = sys.argv[1:7]
+settings = TrainerSettings(steps=12, batch_size=2, lr=5e-4, checkpoint_every=3, threads=1, strategy=strategy)
 r = train_student(Path(records), Path(student), Path(out), settings, LossConfig(), CurriculumConfig(ramp_steps=4),
                   run_name="crash", tracking_uri=uri, mlflow_run_id=run_id)
 print("STEPS", r.steps)
 """
 
 
-def test_a_crashed_job_resumes_when_rerun(tmp_path, data):
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+def test_a_crashed_job_resumes_when_rerun(tmp_path, data, strategy):
     """The whole driver is killed (SIGKILL) mid-run; running the same command again continues from the last
-    checkpoint instead of starting over."""
+    checkpoint instead of starting over (DeepSpeed restores through its own `load_checkpoint`)."""
     import subprocess
     import sys
 
@@ -273,7 +275,7 @@ def test_a_crashed_job_resumes_when_rerun(tmp_path, data):
     script.write_text(RUN_TRAINING)
     root = Path(__file__).resolve().parents[1]
     args = [sys.executable, str(script), str(data / "records"), str(data / "student-init"), str(tmp_path / "out"),
-            uri, run_id]
+            uri, run_id, strategy]
     env = {**os.environ, "PYTHONPATH": str(root)}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -293,3 +295,5 @@ def test_a_crashed_job_resumes_when_rerun(tmp_path, data):
     assert resumed and 3 <= resumed[0][1] <= killed_at
     logged = [s for s, _ in loss_history(uri, run_id)]
     assert sorted(set(logged)) == list(range(1, 13))
+    if strategy == "deepspeed":
+        assert list((tmp_path / "out" / "ray_train").glob("crash-*/checkpoint_*/deepspeed")), "no DeepSpeed checkpoint"
