@@ -147,6 +147,7 @@ def run_bootstrap(cfg: Config) -> dict[str, Any]:
             import mlflow
 
             mlflow.log_artifact(str(work / "eval.md"))
+            mlflow.log_artifact(str(evaluation.write_episodes(work / "eval_episodes.jsonl")))
         manifest = {
             "settings_hash": digest, "base": str(base), "mlflow_run_id": run.info.run_id,
             "success_rate": {env: evaluation.success_rate(env) for env in cfg.bootstrap.envs

@@ -50,6 +50,12 @@ def test_bootstrap_trains_evaluates_registers_and_is_reused(tmp_path, base):
     records = read_records(home.parent / f"{cfg.bootstrap.name}.work" / manifest["settings_hash"] / "records")
     assert {r.split for r in records} == {"train"} and {r.top_k for r in records} == {1}
     assert {r.teacher_model for r in records} == {"expert-demonstrations"}
+    # Every evaluation episode is kept whole, to read the failures from.
+    played = [json.loads(line) for line in
+              (home.parent / f"{cfg.bootstrap.name}.work" / manifest["settings_hash"] / "eval_episodes.jsonl")
+              .read_text().splitlines()]
+    assert len(played) == 4 and {p["env"] for p in played} == set(manifest["success_rate"])
+    assert all(p["turns"][0]["role"] == "system" and isinstance(p["won"], bool) for p in played)
 
     client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
     version = client.get_model_version(cfg.bootstrap.register_as, manifest["registered_version"])

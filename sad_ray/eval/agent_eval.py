@@ -6,6 +6,7 @@ rollouts, greedy; every environment's tasks share one in-flight batch.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter, defaultdict
@@ -59,6 +60,17 @@ class EvalReport:
         for key in sorted(counts):
             lines.append(f"| {key[0]} | {key[1]} | {won[key]} | {counts[key]} | {won[key] / counts[key]:.0%} |")
         return "\n".join(lines)
+
+    def write_episodes(self, path: str | Path) -> Path:
+        """Every played episode as one JSON line (task, outcome, steps, the whole chat) to read failures from."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w") as f:
+            for ep in self.episodes:
+                f.write(json.dumps({"id": ep.id, "env": ep.env, "task_type": ep.task_type, "won": ep.success,
+                                    "reward": ep.reward, "steps": ep.steps, "turns": list(ep.turns)}) + "\n")
+        tmp.replace(path)
+        return path
 
 
 def evaluate_agent(

@@ -61,7 +61,7 @@ class TrainerSettings:
     cpus_per_worker: float = 1.0
     bf16: bool = True  # autocast where the hardware has it
     # Recompute each decoder layer's activations in backward instead of keeping them: activation memory falls from
-    # O(layers x batch x tokens) to about one layer's worth, for ~30% more compute. Same gradients, same run.
+    # O(layers x batch x tokens) to about one layer's worth, for more compute. Same gradients, same run.
     gradient_checkpointing: bool = False
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
