@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,6 +18,8 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from sad_ray.atomic import replacing_file
 
 log = logging.getLogger(__name__)
 
@@ -267,10 +268,8 @@ def write_shard(records: Sequence[TrajectoryRecord], path: str | Path) -> Path:
 
 def _write_rows(rows: list[dict[str, Any]], path: Path) -> Path:
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with replacing_file(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
     return path
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sad_ray.atomic import replacing_file
 from sad_ray.envs.base import Episode, Task
 from sad_ray.rollout.agent import PlayConfig, PlayStats, play
 from sad_ray.rollout.engines import EngineConfig, SamplingConfig, make_engine
@@ -64,12 +65,10 @@ class EvalReport:
     def write_episodes(self, path: str | Path) -> Path:
         """Every played episode as one JSON line (task, outcome, steps, the whole chat) to read failures from."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w") as f:
+        with replacing_file(path) as tmp, tmp.open("w") as f:
             for ep in self.episodes:
                 f.write(json.dumps({"id": ep.id, "env": ep.env, "task_type": ep.task_type, "won": ep.success,
                                     "reward": ep.reward, "steps": ep.steps, "turns": list(ep.turns)}) + "\n")
-        tmp.replace(path)
         return path
 
 
