@@ -20,8 +20,8 @@ from sad_ray import tracking
 from sad_ray.config import Config, to_flat_dict
 from sad_ray.envs.base import Task
 from sad_ray.models.starter import TEACHER_MANIFEST, bootstrapped_teacher_dir
-from sad_ray.records import ShardWriter, existing_ids
-from sad_ray.rollout.score import ScoreReport, episode_id, score_episodes
+from sad_ray.records import ShardWriter, finished_episodes
+from sad_ray.rollout.score import ScoreReport, score_episodes
 from sad_ray.train.ray_train import result_settings
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def demo_records(cfg: Config, base_dir: Path, records_dir: Path) -> ScoreReport:
     from sad_ray.pipeline import env_kwargs
     from sad_ray.rollout.engines import DemonstrationTeacher
 
-    done = {episode_id(i) for i in existing_ids(records_dir)} if records_dir.exists() else set()
+    done = finished_episodes(records_dir)
     tasks = [t for t in env_tasks(cfg, "train", cfg.bootstrap.demos) if t.id not in done]
     report = ScoreReport()
     if not tasks:

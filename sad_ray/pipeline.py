@@ -16,8 +16,8 @@ from sad_ray import tracking
 from sad_ray.config import Config, resolve_auto, to_flat_dict
 from sad_ray.envs.base import Episode
 from sad_ray.envs.seed import seed_episodes
-from sad_ray.records import ShardWriter, existing_ids, iter_records, read_records, write_jsonl
-from sad_ray.rollout.score import ScoreReport, episode_id, score_episodes
+from sad_ray.records import ShardWriter, finished_episodes, iter_records, read_records, write_jsonl
+from sad_ray.rollout.score import ScoreReport, score_episodes
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,9 @@ def stage_records(cfg: Config, teacher: Path, records_dir: Path) -> ScoreReport:
 
     report = ScoreReport()
     with tracking.stage_run("records", {"top_k": cfg.records.top_k, "format": cfg.segment.format}):
-        done = {episode_id(i) for i in existing_ids(records_dir)}
+        done = finished_episodes(records_dir)
         todo = [e for e in episodes_for(cfg) if e.id not in done]
-        log.info("records: %d episodes to score, %d already written", len(todo), len(done))
+        log.info("records: %d episodes to score, %d already done", len(todo), len(done))
         if todo:
             tokenizer = AutoTokenizer.from_pretrained(teacher, trust_remote_code=cfg.models.trust_remote_code)
             engine = HFTeacherEngine(teacher, trust_remote_code=cfg.models.trust_remote_code)

@@ -274,10 +274,15 @@ def _write_rows(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 class ShardWriter:
-    """Buffers records and writes `part-NNNNN.parquet` shards as they fill.
+    """Buffers records and writes `part-NNNNN.parquet` shards as they fill, whole episodes to a shard.
 
-    Shard numbers continue after the shards already in the folder, so a rerun adds to earlier output instead of
-    overwriting it; `existing_ids(folder)` tells a rerun which records it can skip.
+    A shard is cut only where an episode ends (the windows of one episode, `<episode>#w<n>`, arrive one after
+    another), so a crash loses whole episodes and a rerun that skips by episode never leaves one half-written;
+    a shard may hold up to one episode's windows more than `records_per_shard`. Shard numbers continue after the
+    shards already in the folder, so a rerun adds to earlier output instead of overwriting it.
+
+    Episodes that finish without any record (a failed episode that is not kept, every window too long) are
+    appended to the folder's ledger (`drop`), so a rerun skips them too: `finished_episodes(folder)`.
     """
 
     def __init__(self, folder: str | Path, records_per_shard: int = 256) -> None:
@@ -287,15 +292,26 @@ class ShardWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.records_per_shard = records_per_shard
         self._buffer: list[dict[str, Any]] = []  # rows, validated as they were added
+        self._episode: str | None = None  # the episode of the last buffered record
         self._next = 1 + max((int(p.stem.split("-")[1]) for p in shard_paths(self.folder)), default=-1)
         self.written: list[Path] = []
+        self.dropped: list[str] = []
 
     def add(self, record: TrajectoryRecord) -> None:
         row = record.to_row()
         validate_row(row)  # fail at the producer, not in a reader days later
-        self._buffer.append(row)
-        if len(self._buffer) >= self.records_per_shard:
+        episode = episode_id(record.id)
+        if len(self._buffer) >= self.records_per_shard and episode != self._episode:
             self.flush()
+        self._buffer.append(row)
+        self._episode = episode
+
+    def drop(self, episode: str, reason: str, **info: Any) -> None:
+        """Note an episode that finished without records (appended and flushed at once: nothing to lose)."""
+        line = json.dumps({"episode": episode, "reason": reason, **info}, default=str)
+        with open(self.folder / DROPPED_LEDGER, "a") as f:
+            f.write(line + "\n")
+        self.dropped.append(episode)
 
     def flush(self) -> None:
         if not self._buffer:
@@ -313,8 +329,55 @@ class ShardWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        # On an exception keep what is buffered too: every buffered record was already validated.
+        # On an exception keep what is buffered too: every buffered record was already validated, and the
+        # buffer ends with whole episodes unless the exception came between two windows of one.
         self.close()
+
+
+# ------------------------------------------------------------------------------- episodes, windows and the ledger
+
+# Episodes that finished without a record, one JSON object a line ({"episode", "reason", ...}), beside the shards.
+DROPPED_LEDGER = "dropped-episodes.jsonl"
+
+
+def window_id(episode: str, n: int) -> str:
+    """The record id of an episode's n-th context window."""
+    return f"{episode}#w{n}"
+
+
+def episode_id(record_id: str) -> str:
+    """The episode a record came from (a window's record id carries a `#w<n>` suffix)."""
+    return record_id.split("#w", 1)[0]
+
+
+def dropped_episodes(folder: str | Path) -> dict[str, str]:
+    """The folder's ledger: episode id -> why it wrote no record. A torn last line (a crash mid-write) is
+    ignored; any other unreadable line is an error naming the file and line."""
+    path = Path(folder) / DROPPED_LEDGER
+    if not path.is_file():
+        return {}
+    text = path.read_text()
+    lines = text.splitlines()
+    out: dict[str, str] = {}
+    for n, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+            out[str(entry["episode"])] = str(entry["reason"])
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            if n == len(lines) and not text.endswith("\n"):
+                log.warning("%s:%d: ignoring a torn last line (a run stopped while writing it)", path, n)
+                break
+            raise ValueError(f"{path}:{n}: expected a JSON object with 'episode' and 'reason': {exc}") from exc
+    return out
+
+
+def finished_episodes(folder: str | Path, redo: Iterable[str] = ()) -> set[str]:
+    """Episodes a rerun can skip: those with records in `folder` and those in its ledger, except ledger entries
+    whose reason is in `redo` (a reason the current settings no longer drop for)."""
+    redo = set(redo)
+    done = {episode_id(i) for i in existing_ids(folder)}
+    done.update(e for e, reason in dropped_episodes(folder).items() if reason not in redo)
+    return done
 
 
 def shard_paths(path: str | Path) -> list[Path]:

@@ -36,7 +36,7 @@ def test_the_job_writes_validated_records_and_a_student(first_run):
     tmp, cfg, summary = first_run
     records = read_records(tmp / "out" / "records")
     from sad_ray.envs import make_env
-    from sad_ray.rollout.score import episode_id
+    from sad_ray.records import episode_id
 
     expected = {t.id for name in ("webshop", "hotpotqa") for t in make_env(name).tasks("train", 2)}
     # Every episode is in; the long WebShop ones (over rollout.context_chars) as several windows.
@@ -96,7 +96,7 @@ def test_more_episodes_on_a_rerun_add_only_the_new_ones(first_run, tmp_path):
     # Same output folder, one more episode per environment: only those are scored.
     bigger = small_config(tmp, "data.episodes_per_env=3")
 
-    from sad_ray.rollout.score import episode_id
+    from sad_ray.records import episode_id
 
     before = read_records(tmp / "out" / "records")
     summary = run_distill(bigger)

@@ -10,15 +10,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sad_ray.records import (
+    DROPPED_LEDGER,
     SCHEMA,
     RecordError,
     ShardWriter,
     TrajectoryRecord,
+    dropped_episodes,
+    episode_id,
     existing_ids,
+    finished_episodes,
     read_records,
     record_from_row,
     shard_paths,
     validate_row,
+    window_id,
     write_shard,
 )
 
@@ -168,3 +173,28 @@ def test_rerun_continues_shard_numbers_and_knows_what_is_done(tmp_path):
     assert [p.name for p in shard_paths(tmp_path)] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     assert sorted(r.id for r in read_records(tmp_path)) == [f"r{i}" for i in range(5)]
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_shards_hold_whole_episodes_and_the_ledger_skips_dropped_ones(tmp_path):
+    # Three episodes of three windows each, shards of two records: a shard is cut only between episodes, so a
+    # crash can never leave an episode half-written for a rerun that skips by episode.
+    with ShardWriter(tmp_path, records_per_shard=2) as w:
+        for e in range(3):
+            for n in range(3):
+                w.add(make_record(window_id(f"ep{e}", n), seed=3 * e + n))
+        w.drop("ep3", "failed_episode", env="alfworld")
+        w.drop("ep4", "too_long")
+    for shard in shard_paths(tmp_path):
+        episodes = {episode_id(i) for i in existing_ids(shard)}
+        assert len(existing_ids(shard)) == 3 * len(episodes)
+    assert dropped_episodes(tmp_path) == {"ep3": "failed_episode", "ep4": "too_long"}
+    assert finished_episodes(tmp_path) == {"ep0", "ep1", "ep2", "ep3", "ep4"}
+    assert finished_episodes(tmp_path, redo=["failed_episode"]) == {"ep0", "ep1", "ep2", "ep4"}
+    # A run killed while appending leaves a torn last line: it is ignored, and the episode will be replayed.
+    ledger = tmp_path / DROPPED_LEDGER
+    ledger.write_text(ledger.read_text() + '{"episode": "ep5", "rea')
+    assert set(dropped_episodes(tmp_path)) == {"ep3", "ep4"}
+    # Anything else unreadable names the file and the line.
+    ledger.write_text('{"episode": "ep3", "reason": "x"}\nnot json\n{"episode": "ep4", "reason": "y"}\n')
+    with pytest.raises(ValueError, match=rf"{DROPPED_LEDGER}:2: expected a JSON object"):
+        dropped_episodes(tmp_path)

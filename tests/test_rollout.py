@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sad_ray.records import read_records
+from sad_ray.records import dropped_episodes, read_records
 from sad_ray.rollout.engines import EngineConfig
 from sad_ray.rollout.pipeline import RolloutConfig, SegmentSettings, run_rollouts
 
@@ -50,6 +50,16 @@ def test_only_successful_episodes_are_kept_by_default(ray_local, starter_dir, tm
                           SegmentSettings(top_k=5, max_tokens=4096))
     assert report.written == 0 and report.dropped == {"failed_episode": 2}
     assert not list((tmp_path / "r").glob("part-*.parquet"))
+    # The failures are in the folder's ledger, so a rerun does not play them again (greedy play would fail them
+    # the same way) ...
+    assert set(dropped_episodes(tmp_path / "r").values()) == {"failed_episode"}
+    again = run_rollouts(starter_dir, tmp_path / "r", small("hf", envs=("webshop",), max_steps=1, keep="success"),
+                         SegmentSettings(top_k=5, max_tokens=4096))
+    assert again.episodes == 0 and again.skipped_existing == again.skipped_dropped == 2
+    # ... unless the settings now keep failed episodes: then they are played and written.
+    kept = run_rollouts(starter_dir, tmp_path / "r", small("hf", envs=("webshop",), max_steps=1, keep="all"),
+                        SegmentSettings(top_k=5, max_tokens=4096))
+    assert kept.episodes == 2 and kept.written == 2 and kept.skipped_existing == 0
 
 
 def test_the_rollout_job_plays_all_three_environments_with_vllm(tmp_path):

@@ -116,8 +116,9 @@ def test_demonstration_records_are_one_hot_and_valid(starter_tokenizer):
 
 def test_window_records_have_distinct_ids_and_map_back_to_their_episode(starter_tokenizer):
     from sad_ray.envs.base import Episode
+    from sad_ray.records import episode_id
     from sad_ray.rollout.engines import DemonstrationTeacher
-    from sad_ray.rollout.score import episode_id, score_episodes
+    from sad_ray.rollout.score import score_episodes
 
     ep = Episode(id="e/train/t/0", env="e", task_type="t", split="train", turns=tuple(chat(12)[:-1]), steps=12)
     records = list(score_episodes([ep], starter_tokenizer, DemonstrationTeacher(), fmt="react", top_k=1,

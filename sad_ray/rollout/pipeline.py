@@ -2,7 +2,9 @@
 
 Each actor plays its batch of tasks with the agent loop, scores the finished trajectories with the same engine,
 segments them and returns record rows; the driver validates each row and writes Parquet shards as they fill,
-so a crash loses at most the shard in flight and a rerun skips the tasks already written.
+so a crash loses at most the shard in flight. Episodes that end without a record (failed, or every window
+dropped) go to the folder's ledger, so a rerun skips the tasks already written and the ones already dropped:
+greedy play would fail them the same way again.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from sad_ray.envs.base import Task
-from sad_ray.records import SCHEMA, ShardWriter, existing_ids, record_from_row
+from sad_ray.records import SCHEMA, ShardWriter, episode_id, existing_ids, finished_episodes, record_from_row
 from sad_ray.rollout.agent import PlayConfig, PlayStats, generated_tokens, play
 from sad_ray.rollout.engines import EngineConfig, SamplingConfig, make_engine
-from sad_ray.rollout.score import episode_id, score_episodes
+from sad_ray.rollout.score import score_episodes
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +145,8 @@ def rollout_tasks(cfg: RolloutConfig, env_kwargs: dict[str, dict]) -> list[Task]
 @dataclass
 class RolloutReport:
     written: int = 0
-    skipped_existing: int = 0
+    skipped_existing: int = 0  # tasks with records already, or dropped by an earlier run (in the ledger)
+    skipped_dropped: int = 0  # of those, the ones in the ledger
     steps: int = 0
     generated_tokens: int = 0
     dropped: Counter = field(default_factory=Counter)
@@ -164,7 +167,7 @@ class RolloutReport:
     def metrics(self) -> dict[str, float]:
         out = {
             "rollout/episodes": self.episodes, "rollout/records_written": self.written,
-            "rollout/skipped_existing": self.skipped_existing,
+            "rollout/skipped_existing": self.skipped_existing, "rollout/skipped_dropped": self.skipped_dropped,
             "rollout/success_rate": self.won / self.episodes if self.episodes else 0.0,
             "rollout/generated_tokens_per_second": self.generated_tokens / self.seconds if self.seconds else 0.0,
             "rollout/env_steps_per_second": self.steps / self.seconds if self.seconds else 0.0,
@@ -190,12 +193,16 @@ def run_rollouts(
     env_kwargs = env_kwargs or {}
     report = RolloutReport()
     start = time.perf_counter()
-    done = {episode_id(i) for i in existing_ids(out_dir)}
+    # A failed episode is dropped only while `keep` is "success"; with keep "all" the ledger's failures are replayed.
+    done = finished_episodes(out_dir, redo=() if cfg.keep == "success" else ("failed_episode",))
     all_tasks = list(tasks) if tasks is not None else rollout_tasks(cfg, env_kwargs)
     todo = [t for t in all_tasks if t.id not in done]
     report.skipped_existing = len(all_tasks) - len(todo)
+    with_records = {episode_id(i) for i in existing_ids(out_dir)}
+    report.skipped_dropped = sum(t.id in done and t.id not in with_records for t in all_tasks)
     if not todo:
-        log.info("rollout: all %d tasks already have records in %s", len(all_tasks), out_dir)
+        log.info("rollout: all %d tasks are done in %s (%d of them dropped)", len(all_tasks), out_dir,
+                 report.skipped_dropped)
         return report
     if not ray.is_initialized():
         ray.init(ignore_reinit_error=True, log_to_driver=False)
@@ -210,22 +217,40 @@ def run_rollouts(
     )
     with ShardWriter(out_dir, records_per_shard) as writer:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in batch.to_pylist():
-                reason, kind = row.pop("drop_reason"), row.pop("row_kind")
-                tokens = row.pop("generated_tokens")
-                if kind == "episode":
-                    report.generated_tokens += int(tokens or 0)
-                    report.episodes_by_env[row["env"]] += 1
-                    report.won_by_env[row["env"]] += bool(row["success"])
-                    report.steps += int(row["steps"] or 0)
-                if reason is not None:
-                    report.dropped[reason] += 1
-                if kind != "record":
-                    continue
-                record = record_from_row(row, "rollout actor output")
-                writer.add(record)
-                report.written += 1
-                report.supervised_tokens += int(record.supervised.sum())
+            _write_batch(batch.to_pylist(), writer, report)
     report.shards = [str(p) for p in writer.written]
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _write_batch(rows: list[dict[str, Any]], writer: ShardWriter, report: RolloutReport) -> None:
+    """One actor batch: count outcomes, write the records, and ledger the episodes that wrote none."""
+    episodes: dict[str, dict[str, Any]] = {}
+    written: Counter = Counter()
+    window_drops: dict[str, set[str]] = {}
+    for row in rows:
+        reason, kind = row.pop("drop_reason"), row.pop("row_kind")
+        tokens = row.pop("generated_tokens")
+        if reason is not None:
+            report.dropped[reason] += 1
+        if kind == "episode":
+            report.generated_tokens += int(tokens or 0)
+            report.episodes_by_env[row["env"]] += 1
+            report.won_by_env[row["env"]] += bool(row["success"])
+            report.steps += int(row["steps"] or 0)
+            episodes[row["id"]] = {**row, "reason": reason}
+        elif kind == "drop":
+            window_drops.setdefault(episode_id(row["id"]), set()).add(reason)
+        else:
+            record = record_from_row(row, "rollout actor output")
+            writer.add(record)
+            written[episode_id(record.id)] += 1
+            report.written += 1
+            report.supervised_tokens += int(record.supervised.sum())
+    for ep, row in episodes.items():
+        # A kept episode with no record here and no dropped window either may have its records in a later
+        # block: leave it out of the ledger (at worst a rerun plays it again).
+        reason = row["reason"] or "+".join(sorted(window_drops.get(ep, ())))
+        if not written[ep] and reason:
+            writer.drop(ep, reason, env=row["env"], task_type=row["task_type"], success=bool(row["success"]),
+                        steps=int(row["steps"] or 0))

@@ -13,7 +13,7 @@ from sad_ray.envs.base import Episode
 from sad_ray.envs.react import episode_windows
 from sad_ray.method.curriculum import bucket_entropy
 from sad_ray.method.masks import MaskResult, build_masks
-from sad_ray.records import TrajectoryRecord
+from sad_ray.records import TrajectoryRecord, window_id
 from sad_ray.rollout.engines import TeacherEngine
 
 log = logging.getLogger(__name__)
@@ -24,15 +24,6 @@ class ScoreReport:
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     segmentation_issues: Counter = field(default_factory=Counter)
-
-
-def window_id(episode_id: str, n: int) -> str:
-    return f"{episode_id}#w{n}"
-
-
-def episode_id(record_id: str) -> str:
-    """The episode a record came from (a window's record id carries a `#w<n>` suffix)."""
-    return record_id.split("#w", 1)[0]
 
 
 def score_episodes(
