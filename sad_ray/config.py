@@ -103,7 +103,9 @@ class BootstrapConfig:
     name: str = "react-teacher"
     envs: tuple[str, ...] = ("alfworld", "webshop", "hotpotqa")
     # Training demonstrations and held-out evaluation tasks per environment, in the order of `envs`.
-    demos: tuple[int, ...] = (360, 60, 60)
+    # 1000 ALFWorld games: with 360 the teacher fitted them (loss ~0.08) and won 47% of held-out games; 120 more
+    # steps on 1000 took it to 70% (README, "A teacher that plays").
+    demos: tuple[int, ...] = (1000, 60, 60)
     eval_tasks: tuple[int, ...] = (60, 15, 15)
     eval_max_new_tokens: int = 100
     # Evaluation replays a growing context every turn: bf16 and a larger KV cache keep prefills affordable on CPU.
@@ -115,7 +117,7 @@ class BootstrapConfig:
     # Step limit in evaluation; null keeps each environment's own (ALFWorld 50, WebShop 15, HotPotQA 8).
     eval_max_steps: int | None = None
     train: TrainerSettings = field(default_factory=lambda: TrainerSettings(
-        steps=240, batch_size=4, grad_accum=1, lr=2e-4, warmup_steps=4, schedule="cosine", checkpoint_every=20))
+        steps=360, batch_size=4, grad_accum=1, lr=2e-4, warmup_steps=4, schedule="cosine", checkpoint_every=20))
     register_as: str = "sad-ray-teacher"
 
     def __post_init__(self) -> None:

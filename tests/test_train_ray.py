@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -277,6 +278,7 @@ def test_a_crashed_job_resumes_when_rerun(tmp_path, data, strategy):
     args = [sys.executable, str(script), str(data / "records"), str(data / "student-init"), str(tmp_path / "out"),
             uri, run_id, strategy]
     env = {**os.environ, "PYTHONPATH": str(root)}
+    staged_before = set(Path(tempfile.gettempdir()).glob("sad-ray-ckpt-*"))
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300
@@ -297,3 +299,5 @@ def test_a_crashed_job_resumes_when_rerun(tmp_path, data, strategy):
     assert sorted(set(logged)) == list(range(1, 13))
     if strategy == "deepspeed":
         assert list((tmp_path / "out" / "ray_train").glob("crash-*/checkpoint_*/deepspeed")), "no DeepSpeed checkpoint"
+    # If the kill caught a rank staging a checkpoint, the resumed run reused and removed that folder: no new one.
+    assert set(Path(tempfile.gettempdir()).glob("sad-ray-ckpt-*")) <= staged_before

@@ -18,7 +18,8 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -340,13 +341,27 @@ def train_loop(config: dict[str, Any]) -> None:
                        "loss_act": totals["loss_act"], "tokens": tokens,
                        "seconds": time.perf_counter() - t0 + load_seconds, "data_wait_seconds": data_wait,
                        "peak_memory_gb": _peak_rss_gb()}
-            with tempfile.TemporaryDirectory(prefix="sad-ray-ckpt-") as d:
-                _save(Path(d), step, module, optimizer, scheduler, sampler, ids, engine, rank, metrics)
+            with _staging(ctx.get_experiment_name(), rank) as d:
+                _save(d, step, module, optimizer, scheduler, sampler, ids, engine, rank, metrics)
                 if final and rank == 0:
-                    _save_hf(Path(d) / HF_SUBDIR, module, engine, tokenizer, metrics)
+                    _save_hf(d / HF_SUBDIR, module, engine, tokenizer, metrics)
                 elif final and engine is not None and s.zero_stage == 3:
                     _save_hf(None, module, engine, tokenizer, metrics)  # every rank joins the gather
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
+
+
+@contextmanager
+def _staging(run: str, rank: int) -> Iterator[Path]:
+    """The local folder a rank writes a checkpoint in before Ray Train persists it: one fixed name per run and
+    rank, emptied before each use and removed after, so a worker killed mid-save (out of memory, a lost node)
+    leaves at most one behind, which the resumed run reuses, instead of a new temp folder each time."""
+    d = Path(tempfile.gettempdir()) / f"sad-ray-ckpt-{run}-rank{rank}"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _peak_rss_gb() -> float:
