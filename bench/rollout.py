@@ -1,6 +1,6 @@
 """Rollout throughput, vLLM vs transformers engine: same teacher, same tasks, one run.
 
-`python bench/rollout.py [--tasks-per-env N] [--max-steps S]` plays the tasks with each engine through the agent
+`python bench/rollout.py [--teacher starter|bootstrap|DIR] [--tasks-per-env N] [--max-steps S]` plays the tasks with each engine through the agent
 loop (all tasks in flight together), scores every finished trajectory with top-20 logprobs, and prints engine
 start-up, play and scoring times, environment steps per second and generated tokens per second (start-up
 excluded: it is paid once per actor), and the vLLM / transformers ratios (goal: vLLM at least 3x).
@@ -55,18 +55,20 @@ def main() -> int:
     import torch
 
     from sad_ray.envs import make_env
-    from sad_ray.models.starter import provision_starter
+    from sad_ray.models.starter import resolve_model
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks-per-env", type=int, default=4)
     parser.add_argument("--max-steps", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--envs", nargs="*", default=["alfworld", "webshop", "hotpotqa"])
+    parser.add_argument("--teacher", default="starter",
+                        help="starter, bootstrap (the teacher jobs/bootstrap_teacher.py made) or a model directory")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
     cache = Path(os.environ.get("SAD_RAY_CACHE", "~/.cache/sad-ray")).expanduser()
-    teacher = provision_starter(cache)
+    teacher = resolve_model(args.teacher, cache)
     env_kwargs = {"alfworld": {"cache_dir": str(cache / "alfworld")}}
     tasks = [t for name in args.envs for t in make_env(name, **env_kwargs.get(name, {})).tasks("train", args.tasks_per_env)]
     v = run("vllm", teacher, tasks, env_kwargs, args)
