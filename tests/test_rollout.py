@@ -56,6 +56,7 @@ def test_only_successful_episodes_are_kept_by_default(ray_local, starter_dir, tm
     again = run_rollouts(starter_dir, tmp_path / "r", small("hf", envs=("webshop",), max_steps=1, keep="success"),
                          SegmentSettings(top_k=5, max_tokens=4096))
     assert again.episodes == 0 and again.skipped_existing == again.skipped_dropped == 2
+    assert "rollout/success_rate" not in again.metrics()  # nothing played: no rate, rather than a rate of 0
     # ... unless the settings now keep failed episodes: then they are played and written.
     kept = run_rollouts(starter_dir, tmp_path / "r", small("hf", envs=("webshop",), max_steps=1, keep="all"),
                         SegmentSettings(top_k=5, max_tokens=4096))

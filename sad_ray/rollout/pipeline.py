@@ -168,11 +168,15 @@ class RolloutReport:
         out = {
             "rollout/episodes": self.episodes, "rollout/records_written": self.written,
             "rollout/skipped_existing": self.skipped_existing, "rollout/skipped_dropped": self.skipped_dropped,
-            "rollout/success_rate": self.won / self.episodes if self.episodes else 0.0,
-            "rollout/generated_tokens_per_second": self.generated_tokens / self.seconds if self.seconds else 0.0,
-            "rollout/env_steps_per_second": self.steps / self.seconds if self.seconds else 0.0,
             "rollout/seconds": self.seconds,
         }
+        if not self.episodes:  # a rerun with nothing left to play: no rate to report, not a rate of zero
+            return out
+        out.update({
+            "rollout/success_rate": self.won / self.episodes,
+            "rollout/generated_tokens_per_second": self.generated_tokens / self.seconds if self.seconds else 0.0,
+            "rollout/env_steps_per_second": self.steps / self.seconds if self.seconds else 0.0,
+        })
         out.update({f"rollout/dropped/{k}": v for k, v in self.dropped.items()})
         out.update({f"rollout/success_rate/{env}": self.won_by_env[env] / n for env, n in self.episodes_by_env.items()})
         return out
