@@ -295,7 +295,6 @@ class ShardWriter:
         self._episode: str | None = None  # the episode of the last buffered record
         self._next = 1 + max((int(p.stem.split("-")[1]) for p in shard_paths(self.folder)), default=-1)
         self.written: list[Path] = []
-        self.dropped: list[str] = []
 
     def add(self, record: TrajectoryRecord) -> None:
         row = record.to_row()
@@ -311,7 +310,6 @@ class ShardWriter:
         line = json.dumps({"episode": episode, "reason": reason, **info}, default=str)
         with open(self.folder / DROPPED_LEDGER, "a") as f:
             f.write(line + "\n")
-        self.dropped.append(episode)
 
     def flush(self) -> None:
         if not self._buffer:

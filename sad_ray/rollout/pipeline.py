@@ -20,7 +20,14 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from sad_ray.envs.base import Task
-from sad_ray.records import SCHEMA, ShardWriter, episode_id, existing_ids, finished_episodes, record_from_row
+from sad_ray.records import (
+    SCHEMA,
+    ShardWriter,
+    dropped_episodes,
+    episode_id,
+    finished_episodes,
+    record_from_row,
+)
 from sad_ray.rollout.agent import PlayConfig, PlayStats, generated_tokens, play
 from sad_ray.rollout.engines import EngineConfig, SamplingConfig, make_engine
 from sad_ray.rollout.score import score_episodes
@@ -146,7 +153,7 @@ def rollout_tasks(cfg: RolloutConfig, env_kwargs: dict[str, dict]) -> list[Task]
 class RolloutReport:
     written: int = 0
     skipped_existing: int = 0  # tasks with records already, or dropped by an earlier run (in the ledger)
-    skipped_dropped: int = 0  # of those, the ones in the ledger
+    skipped_dropped: int = 0  # of those, the ones the ledger skips
     steps: int = 0
     generated_tokens: int = 0
     dropped: Counter = field(default_factory=Counter)
@@ -198,12 +205,13 @@ def run_rollouts(
     report = RolloutReport()
     start = time.perf_counter()
     # A failed episode is dropped only while `keep` is "success"; with keep "all" the ledger's failures are replayed.
-    done = finished_episodes(out_dir, redo=() if cfg.keep == "success" else ("failed_episode",))
+    redo = () if cfg.keep == "success" else ("failed_episode",)
+    done = finished_episodes(out_dir, redo)
     all_tasks = list(tasks) if tasks is not None else rollout_tasks(cfg, env_kwargs)
     todo = [t for t in all_tasks if t.id not in done]
     report.skipped_existing = len(all_tasks) - len(todo)
-    with_records = {episode_id(i) for i in existing_ids(out_dir)}
-    report.skipped_dropped = sum(t.id in done and t.id not in with_records for t in all_tasks)
+    ledger = dropped_episodes(out_dir)  # a small file: re-reading it spares a second pass over the shards
+    report.skipped_dropped = sum(t.id in ledger and ledger[t.id] not in redo for t in all_tasks)
     if not todo:
         log.info("rollout: all %d tasks are done in %s (%d of them dropped)", len(all_tasks), out_dir,
                  report.skipped_dropped)
