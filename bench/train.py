@@ -82,7 +82,7 @@ def main() -> None:
                                        strategy=strategy, zero_stage=2, threads=2,
                                        gradient_checkpointing=checkpointing)
             r = train_student(root / "records", student, root / name.replace(" ", "_"), settings, loss,
-                              CurriculumConfig(ramp_steps=args.steps // 2))
+                              CurriculumConfig(ramp=0.5))
             results[name] = r
             print(f"{name:24s} {r.tokens} supervised tokens in {r.seconds:.1f} s: {r.tokens_per_second:.0f} tok/s, "
                   f"data wait {r.data_wait_seconds:.2f} s ({r.data_wait_seconds / r.seconds:.1%}), "

@@ -1,5 +1,6 @@
-"""Train the student on the trajectory records in output_dir/records with Ray Train (SAD loss, curriculum,
-DDP or DeepSpeed), checkpointing as it goes; a rerun resumes, and the student is registered in MLflow."""
+"""Train the student on the teacher's trajectory records (output_dir/teacher-<name>-<fingerprint>/records, as the
+distill and rollout jobs leave them) with Ray Train (SAD loss, curriculum, DDP or DeepSpeed) into
+students/<objective>-seed<seed>/, checkpointing as it goes; a rerun resumes, and the student is registered in MLflow."""
 
 from __future__ import annotations
 

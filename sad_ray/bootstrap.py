@@ -37,6 +37,7 @@ def settings_hash(cfg: Config) -> str:
     """What makes two bootstrapped teachers the same: base model, data, training, prompt window."""
     b = cfg.bootstrap
     key = {"base": b.base, "envs": b.envs, "demos": b.demos, "train": result_settings(b.train),
+           "precision": cfg.precision,
            "curriculum": asdict(b.curriculum),
            "context_chars": cfg.rollout.context_chars, "format": cfg.segment.format}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -131,7 +132,7 @@ def run_bootstrap(cfg: Config) -> dict[str, Any]:
                 work / "records", base, work, cfg.bootstrap.train, LossConfig(objective="sft"),
                 cfg.bootstrap.curriculum, run_name="bootstrap",
                 tracking_uri=cfg.tracking.tracking_uri, mlflow_run_id=train_run.info.run_id,
-                trust_remote_code=cfg.models.trust_remote_code,
+                trust_remote_code=cfg.models.trust_remote_code, precision=cfg.precision,
             )
             tracking.log_metrics({"train/final_loss": result.loss, "train/tokens_per_second": result.tokens_per_second})
         with tracking.stage_run("eval", {"eval_tasks": cfg.bootstrap.eval_tasks}):
@@ -140,7 +141,7 @@ def run_bootstrap(cfg: Config) -> dict[str, Any]:
                 result.student_dir, tasks, cfg.bootstrap.eval_engine, max_new_tokens=cfg.bootstrap.eval_max_new_tokens,
                 max_in_flight=cfg.bootstrap.eval_in_flight,
                 max_steps=cfg.bootstrap.eval_max_steps,
-                context_chars=cfg.rollout.context_chars, env_kwargs=env_kwargs(cfg))
+                context_chars=cfg.rollout.context_chars, env_kwargs=env_kwargs(cfg), precision=cfg.precision)
             metrics = evaluation.metrics("eval")
             tracking.log_metrics(metrics)
             (work / "eval.md").write_text(evaluation.table() + "\n")

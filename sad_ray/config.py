@@ -108,12 +108,12 @@ class BootstrapConfig:
     demos: tuple[int, ...] = (1000, 60, 60)
     eval_tasks: tuple[int, ...] = (60, 15, 15)
     eval_max_new_tokens: int = 100
-    # Evaluation replays a growing context every turn: bf16 and a larger KV cache keep prefills affordable on CPU.
-    eval_engine: EngineConfig = field(default_factory=lambda: EngineConfig(dtype="bfloat16", kv_cache_gib=4.0))
+    # Evaluation replays a growing context every turn: a larger KV cache keeps prefills affordable on CPU.
+    eval_engine: EngineConfig = field(default_factory=lambda: EngineConfig(kv_cache_gib=4.0))
     eval_in_flight: int = 16
     # All demonstrations open from the start: a curriculum that holds back the long ALFWorld windows left the first
     # teacher (80 steps, c0 0.3) winning 2/12 held-out games (README, "A teacher that plays").
-    curriculum: CurriculumConfig = field(default_factory=lambda: CurriculumConfig(c0=1.0, ramp_steps=0))
+    curriculum: CurriculumConfig = field(default_factory=lambda: CurriculumConfig(c0=1.0, ramp=0.0))
     # Step limit in evaluation; null keeps each environment's own (ALFWorld 50, WebShop 15, HotPotQA 8).
     eval_max_steps: int | None = None
     train: TrainerSettings = field(default_factory=lambda: TrainerSettings(
@@ -141,6 +141,10 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class Config:
+    # The one numeric precision of training autocast, every engine (vLLM, transformers, evaluation, serving) and
+    # DeepSpeed. auto: bf16 where the hardware runs it natively (a CUDA device with bf16, or a CPU with
+    # avx512_bf16 / amx_bf16), else fp32 (on AVX2-only CPUs bf16 is 20x+ slower to train; sad_ray/precision.py).
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     paths: PathsConfig = field(default_factory=PathsConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)

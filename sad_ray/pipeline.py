@@ -2,21 +2,40 @@
 
 Each stage records itself in MLflow as a child run and leaves its output in `paths.output_dir`, where a rerun
 finds it: records already written are skipped, a finished student is not trained again.
+
+Everything derived from a teacher lives in that teacher's folder, named by its id (folder name and weights
+fingerprint, `sad_ray.models.identity`), so a new teacher (e.g. after `jobs/bootstrap_teacher.py`) starts fresh
+folders and the old ones stay as they were:
+
+    <output_dir>/teacher-<name>-<fingerprint>/
+        teacher.json                 the teacher id and where the teacher was read from
+        student-init/                the student cut from this teacher (rebuilt when its recipe changes)
+        records/                     part-*.parquet shards and dropped-episodes.jsonl
+        students/<objective>-seed<seed>/   one trained student per training run, side by side
+        ray_train/<objective>-seed<seed>-<run identity>/   that run's checkpoints
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sad_ray import tracking
 from sad_ray.config import Config, resolve_auto, to_flat_dict
 from sad_ray.envs.base import Episode
 from sad_ray.envs.seed import seed_episodes
-from sad_ray.records import ShardWriter, finished_episodes, iter_records, read_records, write_jsonl
+from sad_ray.records import (
+    ShardWriter,
+    check_teacher,
+    finished_episodes,
+    iter_records,
+    read_records,
+    write_jsonl,
+)
 from sad_ray.rollout.score import ScoreReport, score_episodes
 
 log = logging.getLogger(__name__)
@@ -70,37 +89,96 @@ def demonstrations(cfg: Config) -> Iterator[Episode]:
             env.close()
 
 
-def stage_models(cfg: Config, out: Path) -> tuple[Path, Path, int]:
-    """Teacher and student directories and the shared vocabulary size."""
+@dataclass(frozen=True)
+class TeacherFolders:
+    """One teacher and the folders derived from it (see the module docstring)."""
+
+    teacher: Path  # the teacher model's directory
+    teacher_id: str  # `<name>@<fingerprint>`: what its records carry in `teacher_model`
+    root: Path  # <output_dir>/teacher-<name>-<fingerprint>
+
+    @property
+    def records(self) -> Path:
+        return self.root / "records"
+
+    @property
+    def student_init(self) -> Path:
+        return self.root / "student-init"
+
+    def student(self, name: str) -> Path:
+        return self.root / "students" / name
+
+
+def teacher_folder_name(teacher: str) -> str:
+    """`teacher-<name>-<12 hex of the fingerprint>` for a teacher id `<name>@<fingerprint>`."""
+    name, _, fingerprint = teacher.rpartition("@")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
+    return f"teacher-{safe}-{fingerprint[:12]}"
+
+
+def teacher_folders(cfg: Config, out: Path) -> TeacherFolders:
+    """Resolve `models.teacher`, identify it by content, and make (or find) its folder under `out`."""
+    from sad_ray.models.identity import teacher_id
     from sad_ray.models.starter import resolve_model
-    from sad_ray.models.student import build_student
+
+    teacher = resolve_model(cfg.models.teacher, Path(cfg.paths.cache_dir).expanduser())
+    tid = teacher_id(teacher)
+    root = out / teacher_folder_name(tid)
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "teacher.json").exists():
+        (root / "teacher.json").write_text(json.dumps({"teacher_id": tid, "path": str(teacher)}, indent=2) + "\n")
+    log.info("teacher %s (%s): its records, student-init and students are in %s", tid, teacher, root)
+    return TeacherFolders(teacher, tid, root)
+
+
+def training_run_name(cfg: Config) -> str:
+    """A training run's folder (`students/<name>`) and MLflow child run (`train-<name>`): objective and seed."""
+    return f"{cfg.loss.objective}-seed{cfg.train.seed}"
+
+
+def stage_models(cfg: Config, folders: TeacherFolders) -> tuple[Path, int]:
+    """The student to start from and the vocabulary it shares with the teacher.
+
+    Without `models.student`, the student is cut from the teacher into the teacher's `student-init/`, rebuilt
+    whenever its info file names another teacher id or recipe (`models.student_layers`) than the current ones.
+    """
+    from sad_ray.models.starter import resolve_model
+    from sad_ray.models.student import build_student, read_student_info, student_recipe
     from sad_ray.models.tokenizers import check_compatible
 
     cache = Path(cfg.paths.cache_dir).expanduser()
-    with tracking.stage_run("models"):
-        teacher = resolve_model(cfg.models.teacher, cache)
+    with tracking.stage_run("models", {"teacher_id": folders.teacher_id}):
         if cfg.models.student:
             student = resolve_model(cfg.models.student, cache)
         else:
-            student = out / "student-init"
-            info_path = student / "sad_ray_student.json"
-            if not info_path.exists():
-                info = build_student(teacher, student, cfg.models.student_layers, cfg.models.trust_remote_code)
-                tracking.log_metrics({"teacher_params": info.teacher_params, "student_params": info.student_params})
-        vocab = check_compatible(teacher, student, cfg.models.trust_remote_code)
+            student = folders.student_init
+            info = read_student_info(student) or {}
+            want = {"teacher_id": folders.teacher_id, "recipe": student_recipe(cfg.models.student_layers)}
+            have = {k: info.get(k) for k in want}
+            if have != want:
+                if info:
+                    log.info("models: %s was built as %s, this run wants %s; rebuilding it", student, have, want)
+                built = build_student(folders.teacher, student, cfg.models.student_layers, cfg.models.trust_remote_code)
+                tracking.log_metrics({"teacher_params": built.teacher_params, "student_params": built.student_params})
+        vocab = check_compatible(folders.teacher, student, cfg.models.trust_remote_code)
         tracking.log_metrics({"shared_vocab": vocab})
-    return teacher, student, vocab
+    return student, vocab
 
 
-def stage_records(cfg: Config, teacher: Path, records_dir: Path) -> ScoreReport:
-    """Teacher records for every episode not yet written: scored demonstrations or the teacher's rollouts."""
+def stage_records(cfg: Config, folders: TeacherFolders) -> ScoreReport:
+    """Teacher records for every episode not yet written: scored demonstrations or the teacher's rollouts.
+
+    Records already in the folder must be this teacher's: another teacher's are refused, naming the file.
+    """
     if cfg.data.source == "rollouts":
-        return stage_rollouts(cfg, teacher, records_dir)
+        return stage_rollouts(cfg, folders)
     from transformers import AutoTokenizer
 
     from sad_ray.models.tokenizers import tokenizer_fingerprint
     from sad_ray.rollout.engines import HFTeacherEngine
 
+    check_teacher(folders.records, folders.teacher_id)
+    teacher, records_dir = folders.teacher, folders.records
     report = ScoreReport()
     with tracking.stage_run("records", {"top_k": cfg.records.top_k, "format": cfg.segment.format}):
         done = finished_episodes(records_dir)
@@ -108,13 +186,13 @@ def stage_records(cfg: Config, teacher: Path, records_dir: Path) -> ScoreReport:
         log.info("records: %d episodes to score, %d already done", len(todo), len(done))
         if todo:
             tokenizer = AutoTokenizer.from_pretrained(teacher, trust_remote_code=cfg.models.trust_remote_code)
-            engine = HFTeacherEngine(teacher, trust_remote_code=cfg.models.trust_remote_code)
+            engine = HFTeacherEngine(teacher, precision=cfg.precision, trust_remote_code=cfg.models.trust_remote_code)
             with ShardWriter(records_dir, cfg.records.records_per_shard) as writer:
                 for record in score_episodes(
                     todo, tokenizer, engine, fmt=cfg.segment.format, top_k=cfg.records.top_k,
                     fingerprint=tokenizer_fingerprint(tokenizer), on_unparsed=cfg.segment.on_unparsed,
                     drop_with_issues=cfg.segment.drop_trajectories_with_issues, max_tokens=cfg.data.max_tokens,
-                    report=report, context_chars=cfg.rollout.context_chars,
+                    report=report, context_chars=cfg.rollout.context_chars, teacher_model=folders.teacher_id,
                 ):
                     writer.add(record)
         tracking.log_metrics({
@@ -129,17 +207,20 @@ def env_kwargs(cfg: Config) -> dict[str, dict]:
     return {"alfworld": {"cache_dir": str(Path(cfg.paths.cache_dir).expanduser() / "alfworld")}}
 
 
-def stage_rollouts(cfg: Config, teacher: Path, records_dir: Path) -> ScoreReport:
+def stage_rollouts(cfg: Config, folders: TeacherFolders) -> ScoreReport:
     """The teacher plays the environments on Ray Data; records are streamed into shards."""
     import mlflow
 
     from sad_ray.rollout.pipeline import SegmentSettings, run_rollouts
 
+    check_teacher(folders.records, folders.teacher_id)
+    teacher, records_dir = folders.teacher, folders.records
     seg = SegmentSettings(fmt=cfg.segment.format, on_unparsed=cfg.segment.on_unparsed,
                           drop_with_issues=cfg.segment.drop_trajectories_with_issues, top_k=cfg.records.top_k,
                           max_tokens=cfg.data.max_tokens)
     with tracking.stage_run("rollout", {f"rollout.{k}": v for k, v in to_flat_dict(cfg.rollout).items()}):
-        result = run_rollouts(teacher, records_dir, cfg.rollout, seg, env_kwargs(cfg), cfg.records.records_per_shard)
+        result = run_rollouts(teacher, records_dir, cfg.rollout, seg, env_kwargs(cfg), cfg.records.records_per_shard,
+                              precision=cfg.precision)
         tracking.log_metrics(result.metrics())
         if result.shards:
             sample = [r.to_row() for r in read_records(result.shards[0])[:3]]
@@ -149,49 +230,69 @@ def stage_rollouts(cfg: Config, teacher: Path, records_dir: Path) -> ScoreReport
     return ScoreReport(kept=result.written, dropped=result.dropped)
 
 
-def stage_train(cfg: Config, records_dir: Path, student_init: Path, vocab: int, out: Path) -> dict:
-    """The student trained on the records under Ray Train (sad_ray.train.ray_train), then registered in MLflow."""
+def stage_train(cfg: Config, folders: TeacherFolders, student_init: Path) -> dict:
+    """The student trained on the teacher's records under Ray Train (sad_ray.train.ray_train), then registered.
+
+    Each training run has its own folder, `students/<objective>-seed<seed>`, and its own MLflow child run,
+    `train-<objective>-seed<seed>`, so runs of different objectives or seeds never overwrite one another; each
+    trained student is a version of `tracking.register_student_as` tagged with its objective, seed, teacher and
+    run identity.
+    """
     import itertools
 
     import mlflow
 
     from sad_ray.train.ray_train import train_student
 
+    name = training_run_name(cfg)
+    final = folders.student(name)
+    tags = {"sad_ray.objective": cfg.loss.objective, "sad_ray.seed": cfg.train.seed,
+            "sad_ray.teacher": folders.teacher_id}
+    sample = folders.root / "records_sample.jsonl"
     with tracking.stage_run("train", {"objective": cfg.loss.objective,
-                                      **{f"train.{k}": v for k, v in to_flat_dict(cfg.train).items()}}) as run:
-        if records_dir.exists() and not (out / "records_sample.jsonl").exists():
-            write_jsonl([r.to_row() for r in itertools.islice(iter_records(records_dir), 3)],
-                        out / "records_sample.jsonl")
-            mlflow.log_artifact(str(out / "records_sample.jsonl"))
+                                      **{f"train.{k}": v for k, v in to_flat_dict(cfg.train).items()}},
+                            name=f"train-{name}", tags=tags) as run:
+        if folders.records.exists() and not sample.exists():
+            write_jsonl([r.to_row() for r in itertools.islice(iter_records(folders.records), 3)], sample)
+            mlflow.log_artifact(str(sample))
         result = train_student(
-            records_dir, student_init, out, cfg.train, cfg.loss, cfg.curriculum, run_name="train",
+            folders.records, student_init, folders.root, cfg.train, cfg.loss, cfg.curriculum, run_name=name,
             tracking_uri=cfg.tracking.tracking_uri, mlflow_run_id=run.info.run_id,
-            trust_remote_code=cfg.models.trust_remote_code,
+            trust_remote_code=cfg.models.trust_remote_code, precision=cfg.precision,
+            teacher=folders.teacher_id, final_dir=final,
         )
         tracking.log_metrics({"train/final_loss": result.loss, "train/tokens_per_second": result.tokens_per_second,
                               "train/data_wait_fraction": result.data_wait_seconds / result.seconds
                               if result.seconds else 0.0})
-        marker = Path(result.student_dir) / "sad_ray_registered.json"
-        if not marker.exists():
-            version = tracking.register_model(Path(result.student_dir), cfg.tracking.register_student_as)
-            marker.write_text(json.dumps({"name": cfg.tracking.register_student_as, "version": version}))
-        summary = {**asdict(result), "tokens_per_second": result.tokens_per_second,
-                   "registered": json.loads(marker.read_text())}
+        identity = json.loads((final / "sad_ray_train.json").read_text())["run"]
+        mlflow.set_tag("sad_ray.run_identity", identity)
+        marker = final / "sad_ray_registered.json"
+        registered = json.loads(marker.read_text()) if marker.exists() else {}
+        if registered.get("run") != identity or registered.get("name") != cfg.tracking.register_student_as:
+            version = tracking.register_model(final, cfg.tracking.register_student_as,
+                                              tags={**tags, "sad_ray.run_identity": identity})
+            registered = {"name": cfg.tracking.register_student_as, "version": version, "run": identity}
+            marker.write_text(json.dumps(registered))
+        summary = {**asdict(result), "tokens_per_second": result.tokens_per_second, "registered": registered,
+                   "run_identity": identity}
     return summary
 
 
 def run_train_job(cfg: Config) -> dict:
-    """`jobs/train_student.py`: train the student on the records already in `output_dir/records`."""
+    """`jobs/train_student.py`: train the student on the records already in the teacher's folder
+    (`output_dir/teacher-<name>-<fingerprint>/records`, as the distill and rollout jobs wrote them)."""
     import torch
 
     torch.set_num_threads(cfg.train.threads)
     cfg = resolve_auto(cfg)
     out = Path(cfg.paths.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    with tracking.job_run(cfg, "train_student") as run:
-        _, student_init, vocab = stage_models(cfg, out)
-        summary = stage_train(cfg, out / "records", student_init, vocab, out)
-        return {"mlflow_run_id": run.info.run_id, "student": str(out / "student"), "train": summary}
+    folders = teacher_folders(cfg, out)
+    with tracking.job_run(cfg, "train_student", {"teacher": folders.teacher_id}) as run:
+        student_init, _ = stage_models(cfg, folders)
+        summary = stage_train(cfg, folders, student_init)
+        return {"mlflow_run_id": run.info.run_id, "teacher_id": folders.teacher_id,
+                "student": summary["student_dir"], "train": summary}
 
 
 def run_distill(cfg: Config) -> dict:
@@ -203,15 +304,18 @@ def run_distill(cfg: Config) -> dict:
     log.info("distill: teacher %s, trajectories from %s", cfg.models.teacher, cfg.data.source)
     out = Path(cfg.paths.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    with tracking.job_run(cfg, "distill") as run:
-        teacher, student_init, vocab = stage_models(cfg, out)
-        report = stage_records(cfg, teacher, out / "records")
-        summary = stage_train(cfg, out / "records", student_init, vocab, out)
+    folders = teacher_folders(cfg, out)
+    with tracking.job_run(cfg, "distill", {"teacher": folders.teacher_id}) as run:
+        student_init, _ = stage_models(cfg, folders)
+        report = stage_records(cfg, folders)
+        summary = stage_train(cfg, folders, student_init)
         return {
             "mlflow_run_id": run.info.run_id,
-            "teacher": str(teacher),
-            "student": str(out / "student"),
-            "records": str(out / "records"),
+            "teacher": str(folders.teacher),
+            "teacher_id": folders.teacher_id,
+            "student_init": str(student_init),
+            "student": summary["student_dir"],
+            "records": str(folders.records),
             "records_written_now": report.kept,
             "dropped": dict(report.dropped),
             "train": summary,
@@ -219,14 +323,13 @@ def run_distill(cfg: Config) -> dict:
 
 
 def run_rollout_job(cfg: Config) -> dict:
-    """The rollout stage on its own (`jobs/rollout.py`): records from the teacher's play, into output_dir."""
-    from sad_ray.models.starter import resolve_model
-
+    """The rollout stage on its own (`jobs/rollout.py`): records from the teacher's play, into the teacher's
+    folder (`output_dir/teacher-<name>-<fingerprint>/records`), where the distill and train jobs read them."""
     cfg = resolve_auto(cfg)
     out = Path(cfg.paths.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    with tracking.job_run(cfg, "rollout") as run:
-        teacher = resolve_model(cfg.models.teacher, Path(cfg.paths.cache_dir).expanduser())
-        report = stage_rollouts(cfg, teacher, out / "records")
-        return {"mlflow_run_id": run.info.run_id, "records": str(out / "records"),
+    folders = teacher_folders(cfg, out)
+    with tracking.job_run(cfg, "rollout", {"teacher": folders.teacher_id}) as run:
+        report = stage_rollouts(cfg, folders)
+        return {"mlflow_run_id": run.info.run_id, "teacher_id": folders.teacher_id, "records": str(folders.records),
                 "records_written_now": report.kept, "dropped": dict(report.dropped)}

@@ -3,6 +3,11 @@
 A record is one distillation example: the chat, its tokens, the [REASON]/[ACT] masks, the teacher's top-k
 distribution at every supervised position (see docs/design.md for the alignment) and the episode's outcome.
 Shards are written whole-or-not-at-all (temp file + rename) so a crash never leaves half a shard behind.
+
+Schema v2 dropped v1's `complexity` column (always 0.0: complexity is normalised over a dataset, so the trainer
+computes it over its own data from reasoning_length, action_length and teacher_entropy); v1 shards still read,
+their complexity column ignored. `teacher_model` is the teacher's id (`sad_ray.models.identity.teacher_id`:
+`<folder name>@<fingerprint>`), so records of one teacher are never mistaken for another's (`check_teacher`).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +28,9 @@ from sad_ray.atomic import replacing_file
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions this sad_ray reads: v1 differs only by its extra `complexity` column, which is not read.
+READABLE_VERSIONS = (1, 2)
 SPLITS = ("train", "val", "test")
 # float32 logprobs summed over k + 1 buckets: a looser bound would hide a wrong tail, a tighter one rounding.
 MASS_TOLERANCE = 2e-3
@@ -50,7 +57,6 @@ SCHEMA = pa.schema(
         ("reasoning_length", pa.int32()),
         ("action_length", pa.int32()),
         ("teacher_entropy", pa.float32()),
-        ("complexity", pa.float32()),
         ("teacher_model", pa.string()),
         ("tokenizer_fingerprint", pa.string()),
     ],
@@ -84,8 +90,7 @@ class TrajectoryRecord:
     reward: float
     steps: int
     teacher_entropy: float
-    complexity: float
-    teacher_model: str
+    teacher_model: str  # the teacher's id (sad_ray.models.identity.teacher_id), or "expert-demonstrations"
     tokenizer_fingerprint: str
     schema_version: int = SCHEMA_VERSION
     reasoning_length: int = field(init=False)
@@ -102,10 +107,6 @@ class TrajectoryRecord:
     @property
     def supervised(self) -> np.ndarray:
         return self.reason_mask | self.act_mask
-
-    def with_complexity(self, complexity: float) -> TrajectoryRecord:
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
-        return TrajectoryRecord(**{**values, "complexity": float(complexity)})
 
     def to_row(self) -> dict[str, Any]:
         return {
@@ -128,7 +129,6 @@ class TrajectoryRecord:
             "reasoning_length": self.reasoning_length,
             "action_length": self.action_length,
             "teacher_entropy": float(self.teacher_entropy),
-            "complexity": float(self.complexity),
             "teacher_model": self.teacher_model,
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
         }
@@ -154,10 +154,10 @@ def record_from_row(row: dict[str, Any], source: str | None = None) -> Trajector
         reward=float(row["reward"]),
         steps=int(row["steps"]),
         teacher_entropy=float(row["teacher_entropy"]),
-        complexity=float(row["complexity"]),
         teacher_model=row["teacher_model"],
         tokenizer_fingerprint=row["tokenizer_fingerprint"],
-        schema_version=int(row["schema_version"]),
+        # A v1 row holds every v2 field (its complexity is not read): in memory it is a v2 record.
+        schema_version=SCHEMA_VERSION,
     )
 
 
@@ -171,8 +171,8 @@ def validate_row(row: dict[str, Any], source: str | None = None) -> None:
     missing = [name for name in SCHEMA.names if name not in row]
     if missing:
         fail(missing[0], "is missing")
-    if row["schema_version"] != SCHEMA_VERSION:
-        fail("schema_version", f"is {row['schema_version']}, this sad_ray reads version {SCHEMA_VERSION}")
+    if row["schema_version"] not in READABLE_VERSIONS:
+        fail("schema_version", f"is {row['schema_version']}, this sad_ray reads versions {READABLE_VERSIONS}")
     for name in ("id", "env", "task_type", "teacher_model", "tokenizer_fingerprint"):
         if not isinstance(row[name], str) or not row[name]:
             fail(name, "must be a non-empty string")
@@ -243,7 +243,7 @@ def validate_row(row: dict[str, Any], source: str | None = None) -> None:
     if abs(mass[worst] - 1.0) > MASS_TOLERANCE:
         fail("tail_logprob", f"top-k plus tail hold {mass[worst]:.5f} of the mass at supervised position {worst}, not 1")
 
-    for name in ("reward", "teacher_entropy", "complexity"):
+    for name in ("reward", "teacher_entropy"):
         if not isinstance(row[name], (int, float, np.floating)) or not math.isfinite(row[name]):
             fail(name, f"must be a finite number, got {row[name]!r}")
     if row["teacher_entropy"] < 0:
@@ -398,14 +398,14 @@ def read_shard_table(path: str | Path) -> pa.Table:
     version = (schema.metadata or {}).get(b"sad_ray.schema_version")
     if version is None:
         raise RecordError("<file>", "schema_version", "the file carries no sad_ray schema version", str(path))
-    if int(version) != SCHEMA_VERSION:
+    if int(version) not in READABLE_VERSIONS:
         raise RecordError(
-            "<file>", "schema_version", f"file is version {int(version)}, this sad_ray reads {SCHEMA_VERSION}", str(path)
-        )
+            "<file>", "schema_version", f"file is version {int(version)}, this sad_ray reads {READABLE_VERSIONS}",
+            str(path))
     missing = [name for name in SCHEMA.names if name not in schema.names]
     if missing:
         raise RecordError("<file>", missing[0], "column is missing", str(path))
-    return pq.read_table(path, columns=SCHEMA.names)
+    return pq.read_table(path, columns=SCHEMA.names)  # a v1 file's complexity column is left out
 
 
 def iter_records(
@@ -434,6 +434,34 @@ def existing_ids(path: str | Path) -> set[str]:
     if not path.exists():
         return set()
     return {i for shard in shard_paths(path) for i in pq.read_table(shard, columns=["id"])["id"].to_pylist()}
+
+
+class TeacherMismatchError(ValueError):
+    """Records made by another teacher than the one this run distils from; names the file."""
+
+
+def teacher_mismatch(shard: str | Path, found: str, expected: str) -> str:
+    """The message for a shard whose records another teacher made."""
+    return (f"records in {shard} were made by teacher {found}; this run's teacher is {expected}. Records of "
+            "different teachers do not mix: the distill job keeps each teacher's records in its own folder "
+            "(output_dir/teacher-<name>-<fingerprint>/records); move this file out or point the run at its teacher")
+
+
+def shard_teachers(path: str | Path) -> dict[Path, set[str]]:
+    """The teacher ids in each shard under `path` (reads only the teacher_model column); {} if there is none."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    return {shard: set(pq.read_table(shard, columns=["teacher_model"])["teacher_model"].to_pylist())
+            for shard in shard_paths(path)}
+
+
+def check_teacher(path: str | Path, teacher: str) -> None:
+    """Raise TeacherMismatchError naming the first shard under `path` that holds records of another teacher."""
+    for shard, found in shard_teachers(path).items():
+        other = sorted(found - {teacher})
+        if other:
+            raise TeacherMismatchError(teacher_mismatch(shard, other[0], teacher))
 
 
 def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> None:

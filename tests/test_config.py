@@ -79,19 +79,13 @@ def test_bad_files_are_named(tmp_path):
         load_config(bad)
 
 
-def test_configs_are_frozen():
-    cfg = Config()
-    with pytest.raises(AttributeError):
-        cfg.train.steps = 3  # type: ignore[misc]
-
-
 def test_the_shipped_configs_load():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "configs"
     gpu = load_config(root / "gpu.yaml")
     assert gpu.train.strategy == "deepspeed" and gpu.train.zero_stage == 3 and gpu.train.use_gpu
-    assert gpu.rollout.gpus_per_actor == 1 and gpu.rollout.engine.dtype == "bfloat16"
+    assert gpu.rollout.gpus_per_actor == 1 and gpu.precision == "auto"
     default = load_config(root / "default.yaml")
     assert default.train.strategy == "ddp" and default.models.teacher == "auto"
 

@@ -42,9 +42,9 @@ def test_bucket_entropy_matches_the_full_entropy_when_nothing_is_left_in_the_tai
     np.testing.assert_allclose(h2, h)
 
 
-def sampler(n=20, batch=4, replicas=1, rank=0, **kw):
-    cfg = CurriculumConfig(**{"c0": 0.25, "ramp_steps": 10, "seed": 3, **kw})
-    return CurriculumSampler(np.linspace(1.0, 0.0, n), cfg, global_batch_size=batch, num_replicas=replicas, rank=rank)
+def sampler(n=20, batch=4, total_steps=20, **kw):
+    cfg = CurriculumConfig(**{"c0": 0.25, "ramp": 0.5, "seed": 3, **kw})
+    return CurriculumSampler(np.linspace(1.0, 0.0, n), cfg, batch_size=batch, total_steps=total_steps)
 
 
 def test_competence_opens_easy_first_and_reaches_everything():
@@ -67,13 +67,16 @@ def test_open_set_never_smaller_than_a_batch():
     assert len(set(s.next_batch())) == 8
 
 
-def test_ranks_take_disjoint_slices_of_the_same_draw():
-    ranks = [sampler(batch=6, replicas=3, rank=r) for r in range(3)]
-    for _ in range(12):
-        parts = [s.next_batch() for s in ranks]
-        assert all(len(p) == 2 for p in parts)
-        flat = np.concatenate(parts)
-        assert len(set(flat.tolist())) == 6
+def test_the_ramp_is_a_fraction_of_the_run_so_every_run_opens_all_its_data():
+    # The old default (ramp over 100 steps) never opened half the data of a 30-step run.
+    for total in (3, 30, 2000):
+        s = sampler(total_steps=total, c0=0.3)
+        assert s.competence(-(-total // 2)) == 1.0 and s.competence(0) == pytest.approx(0.3)
+        assert s.competence(total // 4) < 1.0
+    assert sampler(ramp=0.0).competence(0) == 1.0
+    assert CurriculumConfig().ramp <= 1.0
+    with pytest.raises(ValueError, match="ramp"):
+        CurriculumConfig(ramp=1.5)
 
 
 def test_deterministic_for_a_seed_and_different_for_another():
@@ -86,7 +89,7 @@ def test_deterministic_for_a_seed_and_different_for_another():
 
 
 def test_reweighting_favours_examples_the_student_finds_hard():
-    s = sampler(ramp_steps=0, uniform_mix=0.1, temperature=0.5)
+    s = sampler(ramp=0.0, uniform_mix=0.1, temperature=0.5)
     s.update(np.arange(20), np.where(np.arange(20) < 5, 5.0, 0.1))
     idx, p = s.probabilities()
     hard = p[np.isin(idx, np.arange(5))].sum()
@@ -97,7 +100,7 @@ def test_reweighting_favours_examples_the_student_finds_hard():
     assert counts[:5].sum() > counts[5:].sum()
     # Every open example keeps a floor of probability.
     assert p.min() >= 0.1 / 20 - 1e-12
-    flat = sampler(ramp_steps=0, reweight=False)
+    flat = sampler(ramp=0.0, reweight=False)
     flat.update(np.arange(20), np.arange(20.0))
     assert np.allclose(flat.probabilities()[1], 1 / 20)
 
@@ -123,13 +126,13 @@ def test_state_round_trip_continues_the_same_sequence():
     b = sampler()
     b.load_state_dict(state)
     assert [b.next_batch().tolist() for _ in range(6)] == expected
-    other = CurriculumSampler(np.linspace(0.0, 1.0, 20), a.cfg, 4)
+    other = CurriculumSampler(np.linspace(0.0, 1.0, 20), a.cfg, 4, 20)
     with pytest.raises(ValueError, match="different data"):
         other.load_state_dict(state)
 
 
 def test_stats_report_open_fraction_and_weight_entropy():
-    s = sampler(ramp_steps=0)
+    s = sampler(ramp=0.0)
     assert s.stats()["curriculum/open_fraction"] == 1.0
     assert s.stats()["curriculum/weight_entropy"] == pytest.approx(1.0)
     s.update(np.arange(20), np.arange(20.0))
@@ -147,21 +150,19 @@ def test_config_validation_names_the_field(kw, match):
 
 
 def test_sampler_rejects_impossible_batches():
-    with pytest.raises(ValueError, match="multiple of num_replicas"):
-        sampler(batch=5, replicas=2)
     with pytest.raises(ValueError, match="exceeds the dataset"):
         sampler(n=3, batch=4)
+    with pytest.raises(ValueError, match="total_steps"):
+        sampler(total_steps=0)
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(4, 60), replicas=st.sampled_from([1, 2, 4]), seed=st.integers(0, 10), steps=st.integers(1, 30))
-def test_every_draw_is_unique_within_the_open_set(n, replicas, seed, steps):
-    batch = replicas
-    cfg = CurriculumConfig(c0=0.2, ramp_steps=10, seed=seed)
-    scores = np.random.default_rng(seed).random(n)
-    ranks = [CurriculumSampler(scores, cfg, batch, replicas, r) for r in range(replicas)]
+@given(n=st.integers(4, 60), batch=st.sampled_from([1, 2, 4]), seed=st.integers(0, 10), steps=st.integers(1, 30))
+def test_every_draw_is_unique_within_the_open_set(n, batch, seed, steps):
+    cfg = CurriculumConfig(c0=0.2, ramp=0.5, seed=seed)
+    s = CurriculumSampler(np.random.default_rng(seed).random(n), cfg, batch, 20)
     for _ in range(steps):
-        opened = set(ranks[0].open_indices().tolist())
-        parts = np.concatenate([s.next_batch() for s in ranks])
-        assert len(set(parts.tolist())) == batch
-        assert set(parts.tolist()) <= opened
+        opened = set(s.open_indices().tolist())
+        draw = s.next_batch()
+        assert len(set(draw.tolist())) == batch
+        assert set(draw.tolist()) <= opened

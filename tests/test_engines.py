@@ -19,8 +19,8 @@ from sad_ray.rollout.engines import (
 
 @pytest.fixture(scope="module")
 def engines(starter_dir):
-    vllm_engine = VLLMTeacherEngine(starter_dir, EngineConfig(kind="vllm", max_model_len=2048))
-    yield vllm_engine, HFTeacherEngine(starter_dir)
+    vllm_engine = VLLMTeacherEngine(starter_dir, EngineConfig(kind="vllm", max_model_len=2048), precision="fp32")
+    yield vllm_engine, HFTeacherEngine(starter_dir, precision="fp32")
     vllm_engine.close()
 
 
@@ -53,7 +53,7 @@ def test_vllm_scores_make_valid_records(engines, chats, starter_tokenizer):
     rec = TrajectoryRecord(
         id="v", env="seed", task_type="t", split="train", turns=tuple(seed_episode(0).turns), input_ids=m.input_ids,
         reason_mask=m.reason_mask, act_mask=m.act_mask, topk_ids=ids, topk_logprobs=lp, tail_logprob=tail,
-        success=True, reward=1.0, steps=1, teacher_entropy=1.0, complexity=0.0, teacher_model="starter",
+        success=True, reward=1.0, steps=1, teacher_entropy=1.0, teacher_model="starter",
         tokenizer_fingerprint="f",
     )
     validate_row(rec.to_row())

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from sad_ray.method.losses import (
     LossConfig,
-    LossOutput,
     cross_entropy,
     distillation_loss,
     forward_kl,
@@ -175,10 +174,11 @@ def test_student_buckets_match_log_softmax():
     ids = torch.stack([torch.randperm(30, generator=torch.Generator().manual_seed(i))[:6] for i in range(5)])
     target = torch.tensor([3, 4, 5, 6, 7])
     buckets, target_logprob = student_buckets(logits, ids, 1.7, target)
-    logq = torch.log_softmax(logits / 1.7, -1)
-    torch.testing.assert_close(buckets[:, :-1], logq.gather(-1, ids))
-    torch.testing.assert_close(buckets[:, -1], logq.scatter(-1, ids, -math.inf).logsumexp(-1))
-    torch.testing.assert_close(target_logprob, logq.gather(-1, target[:, None]).squeeze(-1))
+    # Bucketed at τ = 1, then tempered over the k+1 buckets, as the teacher's are (its record has nothing finer).
+    logq = torch.log_softmax(logits, -1)
+    at_1 = torch.cat([logq.gather(-1, ids), logq.scatter(-1, ids, -math.inf).logsumexp(-1, keepdim=True)], -1)
+    torch.testing.assert_close(buckets, torch.log_softmax(at_1 / 1.7, -1))
+    torch.testing.assert_close(target_logprob, logq.gather(-1, target[:, None]).squeeze(-1))  # CE is at τ = 1
 
 
 def test_tail_does_not_underflow_when_topk_holds_nearly_everything():
@@ -222,6 +222,20 @@ def test_teacher_topk():
     assert torch.isneginf(teacher_topk(logits, 7)[2]).all()
     with pytest.raises(ValueError, match="k must be in"):
         teacher_topk(logits, 8)
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_both_sides_are_tempered_by_the_same_function(tau, k):
+    # The teacher stores top-k + tail only, so tempering happens over the k+1 buckets on both sides: a student
+    # whose logits are the teacher's scores 0 at any τ, whatever the tail holds.
+    logits = random_logits(11, 6, 40, 3.0, torch.float32)
+    ids, logprobs, tail = teacher_topk(logits, k)
+    student, _ = student_buckets(logits, ids, tau)
+    torch.testing.assert_close(student, teacher_buckets(logprobs, tail, tau), rtol=1e-5, atol=1e-5)
+    for name in DIVERGENCES:
+        d = bucket_divergence(name, logits, ids, logprobs, tail, tau)
+        torch.testing.assert_close(d, torch.zeros(6), atol=1e-5, rtol=0)
 
 
 def test_teacher_buckets_tempered_as_buckets():
@@ -345,10 +359,11 @@ def test_loss_gradient_matches_plain_autograd(name):
     sup = batch["reason_mask"] | batch["act_mask"]
     rows = batch["student_logits"][:, :-1][sup[:, 1:]]
     ids = batch["topk_ids"].long()
-    logq = torch.log_softmax(rows / 0.7, -1)
+    logq = torch.log_softmax(rows, -1)
     logq_b = torch.cat(
         [logq.gather(-1, ids), logq.scatter(-1, ids, -math.inf).logsumexp(-1, keepdim=True)], -1
     )
+    logq_b = torch.log_softmax(logq_b / 0.7, -1)  # tempered over the buckets, like the teacher below
     logp_b = torch.cat([batch["topk_logprobs"], batch["tail_logprob"][:, None]], -1).double()
     logp_b = torch.log_softmax(logp_b / 0.7, -1)
     p, q = logp_b.exp(), logq_b.exp()
@@ -470,23 +485,68 @@ def test_bfloat16_logits():
     torch.testing.assert_close(out.loss.double(), ref.loss, rtol=1e-5, atol=1e-6)
 
 
-def test_loss_output_is_a_named_tuple():
-    assert LossOutput._fields == ("loss", "loss_cot", "loss_act", "loss_ce", "n_reason", "n_act", "per_token")
-
-
-@pytest.mark.parametrize("objective", ["sad", "token_kd", "sft"])
-def test_per_token_is_the_training_loss_of_each_row(objective):
-    batch = make_batch(5)
-    out = distillation_loss(**batch, cfg=LossConfig(objective=objective, ce_weight=0.5))
-    d, is_reason = per_row(batch)
+def split_batch(batch, parts):
+    """The rows of `batch` in `parts` (lists of row indices), each with its own teacher rows."""
     sup = (batch["reason_mask"] | batch["act_mask"])[:, 1:]
-    rows = batch["student_logits"][:, :-1][sup].detach()
-    ce = -torch.log_softmax(rows, -1).gather(-1, batch["input_ids"][:, 1:][sup][:, None]).squeeze(-1)
-    assert out.per_token.shape == d.shape and not out.per_token.requires_grad
-    expected = (1.5 * ce) if objective == "sft" else (d.detach() + 0.5 * ce)
-    torch.testing.assert_close(out.per_token, expected.to(out.per_token.dtype))
-    if objective != "sft":
-        torch.testing.assert_close((out.per_token - 0.5 * ce)[is_reason].mean(), out.loss_cot)
+    owner = torch.arange(sup.shape[0])[:, None].expand_as(sup)[sup]  # [N] the row of each teacher row
+    out = []
+    for rows in parts:
+        rows_t = torch.tensor(rows)
+        keep = torch.isin(owner, rows_t)
+        out.append({
+            "student_logits": batch["student_logits"][rows_t], "input_ids": batch["input_ids"][rows_t],
+            "reason_mask": batch["reason_mask"][rows_t], "act_mask": batch["act_mask"][rows_t],
+            "topk_ids": batch["topk_ids"][keep], "topk_logprobs": batch["topk_logprobs"][keep],
+            "tail_logprob": batch["tail_logprob"][keep]})
+    return out
+
+
+@pytest.mark.parametrize("objective", ["sad", "token_kd", "reason_only", "sft"])
+def test_shares_of_a_step_add_up_to_the_step_whatever_the_split(objective):
+    # Micro-batches (or ranks) normalised by the whole step's span counts: their losses and gradients add up to
+    # the loss and gradient of the step taken as one batch, so grad_accum and the worker count change nothing.
+    from sad_ray.method.losses import span_counts
+
+    batch = make_batch(12, B=4, reason_frac=0.6, act_frac=0.2)
+    cfg = LossConfig(objective=objective, lambda_reason=0.3, lambda_act=2.0, ce_weight=0.1)
+    whole = distillation_loss(**batch, cfg=cfg)
+    (want,) = torch.autograd.grad(whole.loss, batch["student_logits"])
+    counts = span_counts(batch["reason_mask"], batch["act_mask"])
+    parts = split_batch(batch, [[0], [1, 2], [3]])
+    outs = [distillation_loss(**p, cfg=cfg, counts=counts) for p in parts]
+    torch.testing.assert_close(sum(o.loss for o in outs), whole.loss)
+    torch.testing.assert_close(sum(o.loss_cot for o in outs), whole.loss_cot)
+    (got,) = torch.autograd.grad(sum(o.loss for o in outs), batch["student_logits"])
+    torch.testing.assert_close(got, want)
+    # Each part's own mean, as before, would weigh the lone examples' tokens more.
+    alone = sum(distillation_loss(**p, cfg=cfg).loss for p in parts) / len(parts)
+    assert not torch.allclose(alone, whole.loss)
+    with pytest.raises(ValueError, match="fewer than this batch's own"):
+        distillation_loss(**batch, cfg=cfg, counts=counts._replace(n_act=0))
+
+
+@pytest.mark.parametrize("objective", ["sad", "reason_only", "act_only", "token_kd", "sft"])
+def test_per_example_is_each_examples_own_objective(objective):
+    batch = make_batch(5, B=4)
+    cfg = LossConfig(objective=objective, lambda_reason=0.5, lambda_act=2.0, ce_weight=0.25)
+    out = distillation_loss(**batch, cfg=cfg)
+    assert out.per_example.shape == (4,) and not out.per_example.requires_grad
+    alone = torch.stack([distillation_loss(**p, cfg=cfg).loss.detach() for p in split_batch(batch, [[b] for b in range(4)])])
+    torch.testing.assert_close(out.per_example, alone.to(out.per_example.dtype))
+
+
+def test_reason_only_reweights_on_reason_tokens_alone():
+    # The curriculum's signal is the loss being trained: under reason_only, act tokens must not move it.
+    batch = make_batch(13, B=3)
+    cfg = LossConfig(objective="reason_only")
+    base = distillation_loss(**batch, cfg=cfg).per_example
+    predicts_act = F.pad(batch["act_mask"][:, 1:], (0, 1))
+    with torch.no_grad():
+        noisy = batch["student_logits"] + 5 * torch.randn(batch["student_logits"].shape, dtype=torch.float64) * \
+            predicts_act[..., None]
+    torch.testing.assert_close(distillation_loss(**{**batch, "student_logits": noisy}, cfg=cfg).per_example, base)
+    assert not torch.allclose(distillation_loss(**{**batch, "student_logits": noisy}, cfg=LossConfig()).per_example,
+                              distillation_loss(**batch, cfg=LossConfig()).per_example)
 
 
 # --- LossConfig -------------------------------------------------------------------------------------
@@ -511,9 +571,3 @@ def test_per_token_is_the_training_loss_of_each_row(objective):
 def test_loss_config_validation_names_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LossConfig(**kwargs)
-
-
-def test_loss_config_is_frozen():
-    cfg = LossConfig(objective="token_kd", divergence="reverse", temperature=2.0, beta=0.1, ce_weight=0.1)
-    with pytest.raises(AttributeError):
-        cfg.temperature = 1.0  # type: ignore[misc]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,15 +14,17 @@ from hypothesis import strategies as st
 from sad_ray.records import (
     DROPPED_LEDGER,
     SCHEMA,
+    SCHEMA_VERSION,
     RecordError,
     ShardWriter,
+    TeacherMismatchError,
     TrajectoryRecord,
+    check_teacher,
     dropped_episodes,
     episode_id,
     existing_ids,
     finished_episodes,
     read_records,
-    record_from_row,
     shard_paths,
     validate_row,
     window_id,
@@ -38,7 +42,7 @@ def topk_of(logits: np.ndarray, k: int):
     return ids.astype(np.int32), top.astype(np.float32), tail.astype(np.float32)
 
 
-def make_record(rid="r0", seed=0, length=24, vocab=50, k=5, split="train") -> TrajectoryRecord:
+def make_record(rid="r0", seed=0, length=24, vocab=50, k=5, split="train", teacher="starter") -> TrajectoryRecord:
     rng = np.random.default_rng(seed)
     kind = rng.integers(0, 3, size=length)  # 0 none, 1 reason, 2 act
     kind[0] = 0
@@ -51,7 +55,7 @@ def make_record(rid="r0", seed=0, length=24, vocab=50, k=5, split="train") -> Tr
         turns=({"role": "user", "content": "task"}, {"role": "assistant", "content": "Thought: x\nAction: y"}),
         input_ids=rng.integers(0, vocab, size=length).astype(np.int32), reason_mask=reason, act_mask=act,
         topk_ids=ids, topk_logprobs=lp, tail_logprob=tail, success=True, reward=1.0, steps=3,
-        teacher_entropy=1.5, complexity=0.4, teacher_model="starter", tokenizer_fingerprint="abc",
+        teacher_entropy=1.5, teacher_model=teacher, tokenizer_fingerprint="abc",
     )
 
 
@@ -150,12 +154,57 @@ def test_foreign_and_old_files_are_refused_with_the_file_named(tmp_path):
         read_records(tmp_path / "nowhere")
 
 
+# Schema v1 as it was written: v2's columns plus `complexity` (always 0.0) before teacher_model.
+V1_SCHEMA = pa.schema(
+    [*(f for f in SCHEMA if f.name not in ("teacher_model", "tokenizer_fingerprint")),
+     pa.field("complexity", pa.float32()), SCHEMA.field("teacher_model"), SCHEMA.field("tokenizer_fingerprint")],
+    metadata={b"sad_ray.schema_version": b"1"},
+)
+
+
+def test_v2_drops_complexity_and_v1_shards_still_read(tmp_path):
+    recs = [make_record(f"r{i}", seed=i) for i in range(3)]
+    # v2: no complexity anywhere, the version in the file's metadata and in every row.
+    assert SCHEMA_VERSION == 2 and "complexity" not in SCHEMA.names
+    assert not hasattr(recs[0], "complexity") and "complexity" not in recs[0].to_row()
+    write_shard(recs, tmp_path / "v2" / "part-00000.parquet")
+    schema = pq.read_schema(tmp_path / "v2" / "part-00000.parquet")
+    assert schema.metadata[b"sad_ray.schema_version"] == b"2" and "complexity" not in schema.names
+    # v1, written with the old schema (complexity 0.0, version 1): read back whole, its complexity ignored.
+    rows = [{**r.to_row(), "schema_version": 1, "complexity": 0.0} for r in recs]
+    (tmp_path / "v1").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=V1_SCHEMA), tmp_path / "v1" / "part-00000.parquet")
+    back = read_records(tmp_path / "v1")
+    assert [r.id for r in back] == [r.id for r in recs]
+    for a, b in zip(recs, back, strict=True):
+        np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
+        assert (a.teacher_entropy, a.teacher_model, a.reasoning_length) == (b.teacher_entropy, b.teacher_model,
+                                                                           b.reasoning_length)
+        assert b.schema_version == 2  # in memory a v1 record is a v2 record
+    assert existing_ids(tmp_path / "v1") == {r.id for r in recs}
+    # A rerun adds v2 shards beside v1 ones; both read.
+    with ShardWriter(tmp_path / "v1", records_per_shard=2) as w:
+        w.add(make_record("r9", seed=9))
+    assert sorted(r.id for r in read_records(tmp_path / "v1")) == ["r0", "r1", "r2", "r9"]
+
+
+def test_records_of_another_teacher_are_refused_naming_the_file(tmp_path):
+    write_shard([make_record("a0", teacher="mine@0123456789abcdef")], tmp_path / "part-00000.parquet")
+    write_shard([make_record("b0", teacher="other@fedcba9876543210")], tmp_path / "part-00001.parquet")
+    check_teacher(tmp_path / "nowhere", "mine@0123456789abcdef")  # no records yet: nothing to refuse
+    with pytest.raises(TeacherMismatchError, match=r"records in \S*part-00001.parquet were made by teacher "
+                                                    r"other@fedcba9876543210; this run's teacher is mine@0123"):
+        check_teacher(tmp_path, "mine@0123456789abcdef")
+    (tmp_path / "part-00001.parquet").unlink()
+    check_teacher(tmp_path, "mine@0123456789abcdef")
+
+
 def test_writer_refuses_invalid_records_and_keeps_what_was_written(tmp_path):
     with pytest.raises(RecordError):
         with ShardWriter(tmp_path, records_per_shard=2) as w:
             for i in range(3):
                 w.add(make_record(f"r{i}", seed=i))
-            w.add(record_from_row(make_record("r3").to_row()).with_complexity(float("nan")))
+            w.add(dataclasses.replace(make_record("r3"), teacher_entropy=float("nan")))
     # The two full shards and the buffered, already validated record are on disk.
     assert [p.name for p in shard_paths(tmp_path)] == ["part-00000.parquet", "part-00001.parquet"]
     assert existing_ids(tmp_path) == {"r0", "r1", "r2"}

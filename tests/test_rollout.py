@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from sad_ray.models.identity import teacher_id
 from sad_ray.records import dropped_episodes, read_records
 from sad_ray.rollout.engines import EngineConfig
 from sad_ray.rollout.pipeline import RolloutConfig, SegmentSettings, run_rollouts
@@ -39,7 +40,7 @@ def test_rollouts_write_validated_shards_and_resume(ray_local, starter_dir, tmp_
     assert len(report.shards) == -(-report.written // 3)
     for r in records:
         assert r.env in ("hotpotqa", "webshop") and 1 <= r.steps <= 2 and r.top_k == 5
-        assert r.teacher_model == str(starter_dir)
+        assert r.teacher_model == teacher_id(starter_dir)  # the folder name and its weights' fingerprint
     again = run_rollouts(starter_dir, out, small(kind, score_engine=scorer), SegmentSettings(top_k=5, max_tokens=4096))
     assert again.skipped_existing == report.written and again.written + sum(again.dropped.values()) == 4 - report.written
 
@@ -81,7 +82,9 @@ def test_the_rollout_job_plays_all_three_environments_with_vllm(tmp_path):
             "models.teacher=starter"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    records = read_records(tmp_path / "out" / "records")
+    # Into the teacher's folder, where the distill and train jobs look for its records.
+    (records_dir,) = (tmp_path / "out").glob("teacher-smollm2-135m-instruct-*/records")
+    records = read_records(records_dir)
     assert {r.env for r in records} == {"alfworld", "webshop", "hotpotqa"}
     mlflow.set_tracking_uri(db)
     (run,) = mlflow.search_runs(experiment_names=["sad-ray"], filter_string="tags.`sad_ray.stage` = 'rollout'",

@@ -82,6 +82,7 @@ def evaluate_agent(
     context_chars: int | None = 3000,
     max_in_flight: int = 32,
     env_kwargs: dict[str, dict] | None = None,
+    precision: str = "auto",
 ) -> EvalReport:
     """Play every task greedily with the model at `model_dir`; episodes keep their full chats.
 
@@ -93,7 +94,7 @@ def evaluate_agent(
     limit = {} if max_steps is None else {"max_steps": max_steps}
     report = EvalReport()
     start = time.perf_counter()
-    agent = make_engine(model_dir, engine or EngineConfig())
+    agent = make_engine(model_dir, engine or EngineConfig(), precision)
     stats = PlayStats()
     cfg = PlayConfig(max_in_flight=max_in_flight, context_chars=context_chars,
                      sampling=SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens))

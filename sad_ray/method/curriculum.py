@@ -1,8 +1,9 @@
 """Curriculum by trajectory complexity: scores, and a sampler that opens data easy -> hard and re-weights online.
 
-Pure numpy. The sampler draws each step's global batch from one RNG seeded by (seed, step), so every
-data-parallel rank computes the same draw and takes its own disjoint slice, and a restored sampler continues
-exactly where the checkpoint left it.
+Pure numpy. Under data parallelism each rank runs its own sampler over its own shard of the records (the shards
+are disjoint, so ranks never share an example): the competence schedule is the same on every rank, the online
+re-weighting follows each rank's own per-example losses. A sampler draws each step from an RNG seeded by
+(seed, step), so a restored sampler continues exactly where its checkpoint left it.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import numpy as np
 class CurriculumConfig:
     # Weights of reasoning length, action length and mean teacher entropy in the complexity score.
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    # Fraction of the data open to sampling at step 0; it grows to 1 over `ramp_steps`.
+    # Fraction of the data open to sampling at step 0; it grows to 1 over the first `ramp` of the training steps
+    # (a fraction of train.steps, so the schedule always finishes inside the run; 0: everything open at once).
     c0: float = 0.3
-    ramp_steps: int = 100
+    ramp: float = 0.5
     schedule: Literal["linear", "sqrt"] = "linear"
     # Online re-weighting from the student's running per-example loss (False: uniform over the open set).
     reweight: bool = True
@@ -36,8 +38,8 @@ class CurriculumConfig:
             raise ValueError(f"weights must be three non-negative numbers, not all 0, got {self.weights}")
         if not 0.0 < self.c0 <= 1.0:
             raise ValueError(f"c0 must be in (0, 1], got {self.c0}")
-        if self.ramp_steps < 0:
-            raise ValueError(f"ramp_steps must be >= 0, got {self.ramp_steps}")
+        if not 0.0 <= self.ramp <= 1.0:
+            raise ValueError(f"ramp must be a fraction of the training steps in [0, 1], got {self.ramp}")
         if self.schedule not in ("linear", "sqrt"):
             raise ValueError(f"schedule must be 'linear' or 'sqrt', got {self.schedule!r}")
         if self.temperature <= 0:
@@ -86,39 +88,29 @@ def complexity_scores(
 
 
 class CurriculumSampler:
-    """Draws each step's batch from the easiest `competence(step)` fraction of the data.
+    """Draws each step's batch from the easiest `competence(step)` fraction of the data (one rank's shard).
 
     Within the open set, examples are drawn without replacement with probability
     (1 - uniform_mix) * softmax(z / temperature) + uniform_mix / n_open, where z is the standardised running loss
-    of each example (0 for examples not seen yet). Rank r of `num_replicas` takes positions r, r + R, ... of the
-    global draw, so ranks never share an example within a step.
+    of each example (0 for examples not seen yet): examples the student does worse on are drawn more often.
+    `total_steps` is the length of the run, over whose first `cfg.ramp` the open fraction grows from c0 to 1.
     """
 
-    def __init__(
-        self,
-        complexity: np.ndarray,
-        cfg: CurriculumConfig,
-        global_batch_size: int,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ) -> None:
+    def __init__(self, complexity: np.ndarray, cfg: CurriculumConfig, batch_size: int, total_steps: int) -> None:
         complexity = np.asarray(complexity, dtype=np.float64)
         if complexity.ndim != 1 or complexity.size == 0:
             raise ValueError("the curriculum needs a non-empty 1-d array of complexity scores")
         if not np.isfinite(complexity).all():
             raise ValueError("complexity scores must be finite")
-        if global_batch_size < num_replicas or global_batch_size % num_replicas:
-            raise ValueError(
-                f"global_batch_size ({global_batch_size}) must be a positive multiple of num_replicas ({num_replicas})"
-            )
-        if global_batch_size > complexity.size:
-            raise ValueError(f"global_batch_size ({global_batch_size}) exceeds the dataset ({complexity.size} examples)")
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size > complexity.size:
+            raise ValueError(f"batch_size ({batch_size}) exceeds the dataset ({complexity.size} examples)")
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         self.cfg = cfg
-        self.global_batch_size = global_batch_size
-        self.num_replicas = num_replicas
-        self.rank = rank
+        self.batch_size = batch_size
+        self.ramp_steps = round(cfg.ramp * total_steps)
         # Stable sort: equal scores keep dataset order, so the curriculum does not depend on sort internals.
         self.order = np.argsort(complexity, kind="stable")
         self.step = 0
@@ -130,7 +122,7 @@ class CurriculumSampler:
 
     def competence(self, step: int | None = None) -> float:
         t = self.step if step is None else step
-        c0, ramp = self.cfg.c0, self.cfg.ramp_steps
+        c0, ramp = self.cfg.c0, self.ramp_steps
         if ramp == 0 or t >= ramp:
             return 1.0
         if self.cfg.schedule == "sqrt":  # Platanios et al. (2019): opens fast, then slows down.
@@ -138,7 +130,7 @@ class CurriculumSampler:
         return min(1.0, c0 + (1 - c0) * t / ramp)
 
     def open_indices(self, step: int | None = None) -> np.ndarray:
-        n_open = max(math.ceil(self.competence(step) * self.size), self.global_batch_size)
+        n_open = max(math.ceil(self.competence(step) * self.size), self.batch_size)
         return self.order[: min(n_open, self.size)]
 
     def probabilities(self, step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -159,18 +151,15 @@ class CurriculumSampler:
         return idx, p / p.sum()
 
     def next_batch(self) -> np.ndarray:
-        """This rank's dataset indices for the current step; advances the step."""
+        """The dataset indices of the current step's batch; advances the step."""
         idx, p = self.probabilities()
         rng = np.random.default_rng([self.cfg.seed, self.step])
-        draw = rng.choice(idx, size=self.global_batch_size, replace=False, p=p)
+        draw = rng.choice(idx, size=self.batch_size, replace=False, p=p)
         self.step += 1
-        return draw[self.rank :: self.num_replicas]
+        return draw
 
     def update(self, indices: np.ndarray, losses: np.ndarray) -> None:
-        """Fold per-example losses into the running loss.
-
-        Under data parallelism pass the losses gathered from every rank, so that all ranks keep the same weights.
-        """
+        """Fold the per-example training losses of the batch just trained into the running loss."""
         indices = np.asarray(indices, dtype=np.int64)
         losses = np.asarray(losses, dtype=np.float64)
         if indices.shape != losses.shape:
@@ -179,7 +168,7 @@ class CurriculumSampler:
             raise ValueError(f"an index is outside the dataset of {self.size} examples")
         if not np.isfinite(losses).all():
             raise ValueError("per-example losses must be finite")
-        for i, loss in zip(indices, losses, strict=False):
+        for i, loss in zip(indices, losses, strict=True):
             old = self.running_loss[i]
             self.running_loss[i] = loss if np.isnan(old) else self.cfg.ema * old + (1 - self.cfg.ema) * loss
 
@@ -197,6 +186,8 @@ class CurriculumSampler:
         return {"step": self.step, "running_loss": self.running_loss.copy(), "order": self.order.copy()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved state. Its `order` must be this sampler's: a state saved on other data (other
+        examples, or the same ones scored otherwise) would hand their running losses to the wrong examples."""
         order = np.asarray(state["order"])
         if order.shape != self.order.shape or not np.array_equal(order, self.order):
             raise ValueError("the checkpointed curriculum was built on different data (complexity order differs)")

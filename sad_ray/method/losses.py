@@ -54,13 +54,11 @@ class _StudentBuckets(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, ids: Tensor, target: Tensor | None, temperature: float):
+    def forward(ctx, logits: Tensor, ids: Tensor, target: Tensor | None):
         # logits [N, V]; ids [N, K] long; target [N] long or None
         dtype = torch.promote_types(logits.dtype, torch.float32)
-        top = logits.gather(-1, ids).to(dtype) / temperature  # [N, K]
+        top = logits.gather(-1, ids).to(dtype)  # [N, K]
         rest = logits.to(dtype, copy=True)  # [N, V], the forward's one working copy
-        if temperature != 1.0:
-            rest.div_(temperature)
         rest.scatter_(-1, ids, -math.inf)
         # Shift by the complement's own max so that its mass cannot underflow even when the top-k holds
         # nearly everything; an empty complement (K == V) has max -inf and gives lse_rest = log 0 = -inf.
@@ -74,10 +72,7 @@ class _StudentBuckets(torch.autograd.Function):
         if target is None:
             target_logprob = buckets.new_zeros(0)
         else:
-            target_logprob = (
-                logits.gather(-1, target[:, None]).to(dtype).squeeze(-1) / temperature - lse[:, 0]
-            )
-        ctx.temperature = temperature
+            target_logprob = logits.gather(-1, target[:, None]).to(dtype).squeeze(-1) - lse[:, 0]
         ctx.has_target = target is not None
         ctx.save_for_backward(rest, ids, target, buckets, m, s, lse)
         ctx.logits_dtype = logits.dtype
@@ -88,45 +83,54 @@ class _StudentBuckets(torch.autograd.Function):
     def backward(ctx, g: Tensor, h: Tensor):
         # g [N, K+1] upstream of the bucket log-probs; h [N] upstream of the target log-prob
         rest, ids, target, buckets, m, s, lse = ctx.saved_tensors
-        tau = ctx.temperature
         # d log q_b / d y_j = [j in b] · q_j / q_b - q_j, so every bucket shares the -q_j·Σ g term.
         total = g.sum(-1, keepdim=True)  # [N, 1]
         if ctx.has_target:
             total = total + h[:, None]
         # Outside the top-k: q_j / q_tail = rest_j / s and q_j = rest_j · exp(m - lse).
         coef = torch.where(s > 0, g[:, -1:] / s - total * (m - lse).exp(), torch.zeros_like(s))  # [N, 1]
-        grad = rest * (coef / tau)  # [N, V]; not in place, so backward may run twice (retain_graph)
-        top_grad = (g[:, :-1] - total * buckets[:, :-1].exp()) / tau  # [N, K]
+        grad = rest * coef  # [N, V]; not in place, so backward may run twice (retain_graph)
+        top_grad = g[:, :-1] - total * buckets[:, :-1].exp()  # [N, K]
         grad.scatter_(-1, ids, top_grad)
         if ctx.has_target:
-            grad.scatter_add_(-1, target[:, None], h[:, None] / tau)
-        return grad.to(ctx.logits_dtype), None, None, None
+            grad.scatter_add_(-1, target[:, None], h[:, None])
+        return grad.to(ctx.logits_dtype), None, None
+
+
+def temper(bucket_logprobs: Tensor, temperature: float) -> Tensor:
+    """log_softmax(log p / τ) over the k+1 buckets: the one tempering both sides of the loss go through.
+
+    The teacher's record holds only its top-k and the tail mass, so its full distribution cannot be tempered
+    before bucketing; the student is therefore bucketed at τ = 1 too and both are tempered as buckets. A student
+    equal to the teacher then scores exactly 0 at every τ. [N, K+1] -> [N, K+1].
+    """
+    if temperature == 1.0:
+        return bucket_logprobs
+    return torch.log_softmax(bucket_logprobs / temperature, dim=-1)
 
 
 def student_buckets(
     logits: Tensor, topk_ids: Tensor, temperature: float = 1.0, target: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None]:
-    """The student's log-probs over the teacher's k+1 buckets, at temperature τ.
+    """The student's log-probs over the teacher's k+1 buckets, tempered as buckets (`temper`).
 
-    y = logits / τ; log q_i = y_{id_i} - logsumexp(y) for the k ids;
-    log q_tail = logsumexp(y_j, j not in ids) - logsumexp(y) (-inf when the ids cover the vocabulary).
-    Also log q(target) under the same tempered distribution when `target` [N] is given.
+    log q_i = y_{id_i} - logsumexp(y) for the k ids; log q_tail = logsumexp(y_j, j not in ids) - logsumexp(y)
+    (-inf when the ids cover the vocabulary); then `temper(log q, τ)`. Also log q(target) at τ = 1 (the CE term)
+    when `target` [N] is given.
     logits [N, V], topk_ids [N, K] (distinct per row) -> ([N, K+1] float32 or float64, [N] or None).
     """
     target = None if target is None else target.long()
-    buckets, target_logprob = _StudentBuckets.apply(logits, topk_ids.long(), target, float(temperature))
-    return buckets, (target_logprob if target is not None else None)
+    buckets, target_logprob = _StudentBuckets.apply(logits, topk_ids.long(), target)
+    return temper(buckets, float(temperature)), (target_logprob if target is not None else None)
 
 
 def teacher_buckets(
     topk_logprobs: Tensor, tail_logprob: Tensor, temperature: float = 1.0, empty_tail: bool = False
 ) -> Tensor:
-    """The teacher's log-probs over its k+1 buckets, tempered as buckets.
+    """The teacher's log-probs over its k+1 buckets, tempered as buckets exactly like the student's (`temper`).
 
-    log p = log_softmax([topk_logprobs, tail] / τ) over the k+1 buckets. This equals the bucketing of the
-    tempered full teacher only when τ = 1 (where it just renormalises away storage rounding) or when
-    k = V (no tail); otherwise the tail bucket is tempered as if it were one token.
-    `empty_tail` (k = V) drops the stored tail, which can then only be rounding.
+    log p = log_softmax([topk_logprobs, tail] / τ) over the k+1 buckets (at τ = 1 this only renormalises away
+    storage rounding). `empty_tail` (k = V) drops the stored tail, which can then only be rounding.
     topk_logprobs [N, K], tail_logprob [N] -> [N, K+1] (float32, or float64 if given).
     """
     # The teacher is a fixed target: no gradient reaches it even if its scores came with a graph.
@@ -135,7 +139,7 @@ def teacher_buckets(
     tail = tail_logprob.to(dtype)[:, None]  # [N, 1]
     if empty_tail:
         tail = torch.full_like(tail, -math.inf)
-    return torch.log_softmax(torch.cat([topk_logprobs.to(dtype), tail], dim=-1) / temperature, dim=-1)
+    return temper(torch.log_softmax(torch.cat([topk_logprobs.to(dtype), tail], dim=-1), dim=-1), temperature)
 
 
 def _kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
@@ -272,16 +276,37 @@ class LossConfig:
             raise ValueError(f"beta must be in (0, 1), got {self.beta!r}")
 
 
-class LossOutput(NamedTuple):
-    loss: Tensor  # scalar to backprop
-    loss_cot: Tensor  # mean divergence over reason tokens (detached, logged for every objective)
-    loss_act: Tensor  # mean divergence over act tokens (detached)
-    loss_ce: Tensor  # mean -log q(next token) over supervised tokens (detached)
+class SpanCounts(NamedTuple):
+    """Supervised tokens of each span over one whole optimiser step: every micro-batch on every rank.
+
+    The span means divide by these, so a token weighs the same whatever micro-batch or rank it lands in, and
+    grad_accum or the worker count do not change the objective (`span_counts` counts one batch's)."""
+
     n_reason: int
     n_act: int
-    # [N] detached per-token training loss (divergence, or CE for sft, plus ce_weight·CE), row-major like the
-    # teacher rows: what per-example statistics such as the curriculum's running loss are built from.
-    per_token: Tensor
+
+    @property
+    def n_total(self) -> int:
+        return self.n_reason + self.n_act
+
+
+def span_counts(reason_mask: Tensor, act_mask: Tensor) -> SpanCounts:
+    """The supervised tokens of each span in one batch (position 0 predicts nothing and is never supervised)."""
+    return SpanCounts(int(reason_mask[:, 1:].sum()), int(act_mask[:, 1:].sum()))
+
+
+class LossOutput(NamedTuple):
+    # Scalar to backprop. With `counts` of the whole step, this batch's share of the step's loss: the shares of
+    # every micro-batch on every rank add up to the loss of the step.
+    loss: Tensor
+    loss_cot: Tensor  # span mean of the divergence over reason tokens, same normaliser (detached, always logged)
+    loss_act: Tensor  # the same over act tokens (detached)
+    loss_ce: Tensor  # mean -log q(next token) over supervised tokens, same normaliser (detached)
+    n_reason: int
+    n_act: int
+    # [B] detached: each example's objective as if it were a batch of its own (λ-weighted span means of the
+    # spans the objective trains, plus ce_weight·CE), what the curriculum's running loss re-weights on.
+    per_example: Tensor
 
     def metrics(self) -> dict[str, float]:
         """Plain floats for the tracker."""
@@ -295,9 +320,24 @@ class LossOutput(NamedTuple):
         }
 
 
-def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+def _objective(cfg: LossConfig, cot: Tensor, act: Tensor, all_div: Tensor, ce: Tensor) -> Tensor:
+    """The configured objective from its span terms; works elementwise, so it serves batches and examples."""
+    if cfg.objective == "sad":
+        loss = cfg.lambda_reason * cot + cfg.lambda_act * act
+    elif cfg.objective == "reason_only":
+        loss = cot
+    elif cfg.objective == "act_only":
+        loss = act
+    elif cfg.objective in ("token_kd", "no_segmentation"):
+        loss = all_div
+    else:  # sft
+        loss = ce
+    return loss + cfg.ce_weight * ce if cfg.ce_weight > 0 else loss
+
+
+def _sum_over(x: Tensor, mask: Tensor) -> Tensor:
     # where, not multiply: a non-finite value outside the mask must not leak in as NaN.
-    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
+    return torch.where(mask, x, torch.zeros_like(x)).sum()
 
 
 def predicting_rows(reason_mask: Tensor, act_mask: Tensor) -> Tensor:
@@ -316,16 +356,18 @@ def distillation_loss(
     tail_logprob: Tensor,
     cfg: LossConfig = LossConfig(),
     vocab_size: int | None = None,
+    counts: SpanCounts | None = None,
 ) -> LossOutput:
     """The training loss of one batch, aligned as in docs/design.md.
 
     Token t is supervised iff reason_mask[t] | act_mask[t] and is predicted by the logits at t-1; the N
     supervised rows, in row-major order, match the N teacher rows. The per-token divergence d_n (τ² times
-    the configured divergence over the k+1 buckets) is computed once, then:
-      loss_cot = mean_{n in reason} d_n, loss_act = mean_{n in act} d_n (0 without tokens),
+    the configured divergence over the k+1 buckets) is computed once, then, with R, A the reason and act
+    tokens of the whole optimiser step (`counts`; this batch's own when None):
+      loss_cot = Σ_{n in reason} d_n / R, loss_act = Σ_{n in act} d_n / A (0 without tokens),
       sad = λ_r·loss_cot + λ_a·loss_act, reason_only = loss_cot, act_only = loss_act,
-      token_kd = no_segmentation = mean_n d_n, sft = CE; plus ce_weight·CE for any objective,
-      CE = mean_n -log q(input_ids[t_n]) at temperature 1.
+      token_kd = no_segmentation = Σ_n d_n / (R + A), sft = CE; plus ce_weight·CE for any objective,
+      CE = Σ_n -log q(input_ids[t_n]) / (R + A) at temperature 1.
     `vocab_size` slices padded student logits so padding rows get no mass.
 
     student_logits [B, T, V], or [N, V] when the caller computed only the rows that predict supervised tokens
@@ -384,51 +426,43 @@ def distillation_loss(
     is_reason = reason_mask[:, 1:][supervised[:, 1:]]  # [N], row-major like `rows`
     is_act = ~is_reason
     target = input_ids[:, 1:][supervised[:, 1:]]  # [N] the tokens the rows predict
+    example = rows // T  # [N] the batch row each teacher row belongs to
 
-    tau = cfg.temperature
-    needs_ce = cfg.objective == "sft" or cfg.ce_weight > 0
-    # At τ = 1 the bucket pass also yields log q(target), so CE is free; otherwise CE needs its own pass.
-    # For sft the divergence is only tracked, so it builds no graph unless it carries the CE.
-    with torch.set_grad_enabled(torch.is_grad_enabled() and (cfg.objective != "sft" or tau == 1.0)):
-        per_token, target_logprob = _per_token(
-            cfg.divergence,
-            logits,
-            topk_ids,
-            topk_logprobs,
-            tail_logprob,
-            tau,
-            cfg.beta,
-            target if tau == 1.0 else None,
-        )  # [N], [N] | None
-    if target_logprob is not None:
-        ce_per_token = -target_logprob
-    else:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and needs_ce):
-            ce_per_token = cross_entropy(logits, target)  # [N]
+    own = SpanCounts(int(is_reason.sum()), n - int(is_reason.sum()))
+    counts = own if counts is None else counts
+    if counts.n_reason < own.n_reason or counts.n_act < own.n_act:
+        raise ValueError(f"counts {tuple(counts)} of the step are fewer than this batch's own {tuple(own)}")
 
-    loss_cot = _masked_mean(per_token, is_reason)
-    loss_act = _masked_mean(per_token, is_act)
-    loss_ce = ce_per_token.mean() if n else ce_per_token.sum()
-    if cfg.objective == "sad":
-        loss = cfg.lambda_reason * loss_cot + cfg.lambda_act * loss_act
-    elif cfg.objective == "reason_only":
-        loss = loss_cot
-    elif cfg.objective == "act_only":
-        loss = loss_act
-    elif cfg.objective in ("token_kd", "no_segmentation"):
-        loss = per_token.mean() if n else per_token.sum()
-    else:  # sft
-        loss = loss_ce
-    if cfg.ce_weight > 0:
-        loss = loss + cfg.ce_weight * loss_ce
+    # The bucket pass also yields log q(target) at τ = 1, so CE costs nothing extra (sft trains on it alone).
+    per_token, target_logprob = _per_token(
+        cfg.divergence, logits, topk_ids, topk_logprobs, tail_logprob, cfg.temperature, cfg.beta, target,
+    )  # [N], [N]
+    ce_per_token = -target_logprob
+
+    r, a, t = (max(c, 1) for c in (counts.n_reason, counts.n_act, counts.n_total))
+    loss_cot = _sum_over(per_token, is_reason) / r
+    loss_act = _sum_over(per_token, is_act) / a
+    loss_ce = ce_per_token.sum() / t
+    loss = _objective(cfg, loss_cot, loss_act, per_token.sum() / t, loss_ce)
+
+    # Each example's objective on its own tokens: the same formula with per-example sums and counts.
+    with torch.no_grad():
+        def per_ex(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+            x = torch.where(mask, x.detach(), torch.zeros_like(x)).to(per_token.dtype)
+            total = torch.zeros(B, dtype=x.dtype, device=x.device).index_add_(0, example, x)
+            count = torch.zeros(B, dtype=x.dtype, device=x.device).index_add_(0, example, mask.to(x.dtype))
+            return total, count.clamp(min=1)
+
+        everywhere = torch.ones_like(is_reason)
+        (cot_s, cot_n), (act_s, act_n) = per_ex(per_token, is_reason), per_ex(per_token, is_act)
+        (all_s, all_n), (ce_s, _) = per_ex(per_token, everywhere), per_ex(ce_per_token, everywhere)
+        per_example = _objective(cfg, cot_s / cot_n, act_s / act_n, all_s / all_n, ce_s / all_n)
     return LossOutput(
         loss=loss,
         loss_cot=loss_cot.detach(),
         loss_act=loss_act.detach(),
         loss_ce=loss_ce.detach(),
-        n_reason=int(is_reason.sum()),
-        n_act=int(is_act.sum()),
-        per_token=(
-            (ce_per_token if cfg.objective == "sft" else per_token) + cfg.ce_weight * ce_per_token
-        ).detach(),
+        n_reason=own.n_reason,
+        n_act=own.n_act,
+        per_example=per_example,
     )

@@ -79,7 +79,13 @@ def find_decoder_layers(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
 
 def build_student(teacher_dir: Path, out_dir: Path, num_layers: int,
                   trust_remote_code: bool = False) -> StudentInfo:
-    """Save a `num_layers`-layer copy of the teacher (weights, tokenizer, generation config) to `out_dir`."""
+    """Save a `num_layers`-layer copy of the teacher (weights, tokenizer, generation config) to `out_dir`.
+
+    Its STUDENT_INFO_NAME file records the teacher's id (`identity.teacher_id`: name and weights fingerprint) and
+    the recipe (`student_recipe`), so a caller can tell whether the student is still the one it would build.
+    """
+    from sad_ray.models.identity import teacher_id
+
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
     if out_dir.resolve() == teacher_dir.resolve():
         raise ValueError(f"out_dir {out_dir} is the teacher directory")
@@ -98,7 +104,8 @@ def build_student(teacher_dir: Path, out_dir: Path, num_layers: int,
         staged = tmp / "student"  # mkdtemp's own dir is 0700; this one gets the usual permissions
         model.save_pretrained(staged)  # also writes the teacher's generation_config.json
         tokenizer.save_pretrained(staged)
-        info = {"teacher": str(teacher_dir.resolve()), "teacher_num_layers": n_total, "kept_layers": kept,
+        info = {"teacher": str(teacher_dir.resolve()), "teacher_id": teacher_id(teacher_dir),
+                "recipe": student_recipe(num_layers), "teacher_num_layers": n_total, "kept_layers": kept,
                 "teacher_params": teacher_params, "student_params": student_params}
         (staged / STUDENT_INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
         for path in staged.glob("*.safetensors"):
@@ -109,6 +116,19 @@ def build_student(teacher_dir: Path, out_dir: Path, num_layers: int,
     log.info("student with layers %s of %d (%.1fM of %.1fM parameters) saved to %s",
              kept, n_total, student_params / 1e6, teacher_params / 1e6, out_dir)
     return StudentInfo(out_dir, tuple(kept), teacher_params, student_params)
+
+
+def student_recipe(num_layers: int) -> dict[str, int]:
+    """What build_student makes a student from, besides the teacher: stored in, and compared with, its info file."""
+    return {"student_layers": int(num_layers)}
+
+
+def read_student_info(student_dir: Path) -> dict | None:
+    """The STUDENT_INFO_NAME file of a student build_student made, or None when there is none (or it is torn)."""
+    try:
+        return json.loads((Path(student_dir) / STUDENT_INFO_NAME).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _keep_layers(model: PreTrainedModel, kept: list[int]) -> None:

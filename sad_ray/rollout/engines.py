@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from sad_ray.method.losses import teacher_topk
+from sad_ray.precision import dtype_name, log_choice
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,8 @@ class SamplingConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     kind: Literal["vllm", "hf"] = "vllm"
-    # float32 scores match between engines; bfloat16 is faster and differs by ~0.03-0.05 nats (STACK.md).
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # The dtype is not set here: it follows the job's one `precision` setting (sad_ray.precision), handed to
+    # make_engine. fp32 scores match between engines; bf16 differs by ~0.03-0.05 nats (STACK.md).
     # torch.compile costs ~45 s of start-up on CPU for a similar plain speed.
     enforce_eager: bool = True
     kv_cache_gib: float = 2.0
@@ -77,11 +78,12 @@ class TeacherEngine(Protocol):
     def close(self) -> None: ...
 
 
-def make_engine(model_dir: str | Path, cfg: EngineConfig) -> TeacherEngine:
+def make_engine(model_dir: str | Path, cfg: EngineConfig, precision: str = "auto") -> TeacherEngine:
+    """The engine `cfg.kind` names, in `precision` (auto | bf16 | fp16 | fp32, resolved on this host)."""
     if cfg.kind == "vllm":
-        return VLLMTeacherEngine(model_dir, cfg)
+        return VLLMTeacherEngine(model_dir, cfg, precision)
     if cfg.kind == "hf":
-        return HFTeacherEngine(model_dir, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        return HFTeacherEngine(model_dir, precision=precision, trust_remote_code=cfg.trust_remote_code)
     raise ValueError(f"engine kind must be 'vllm' or 'hf', got {cfg.kind!r}")
 
 
@@ -114,15 +116,20 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
-class HFTeacherEngine:
-    """Plain transformers: the fallback engine (fp32 by default: exact on CPU)."""
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def __init__(self, model_dir: str | Path, dtype: str = "float32", trust_remote_code: bool = False) -> None:
+
+class HFTeacherEngine:
+    """Plain transformers: the fallback engine (`precision="fp32"` is exact on CPU)."""
+
+    def __init__(self, model_dir: str | Path, precision: str = "auto", trust_remote_code: bool = False) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_id = str(model_dir)
+        self.precision = log_choice(precision, _device(), "transformers engine")
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+            model_dir, dtype=getattr(torch, dtype_name(self.precision)), trust_remote_code=trust_remote_code
         ).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
@@ -159,14 +166,15 @@ class HFTeacherEngine:
 class VLLMTeacherEngine:
     """The vLLM engine. Handles the CPU build's traps itself (STACK.md): KV cache size, cache dirs."""
 
-    def __init__(self, model_dir: str | Path, cfg: EngineConfig = EngineConfig()) -> None:
+    def __init__(self, model_dir: str | Path, cfg: EngineConfig = EngineConfig(), precision: str = "auto") -> None:
         _prepare_vllm_env(cfg)
         from vllm import LLM
 
         self.model_id = str(model_dir)
         self.cfg = cfg
+        self.precision = log_choice(precision, _device(), "vLLM engine")
         self.llm = LLM(
-            model=str(model_dir), dtype=cfg.dtype, enforce_eager=cfg.enforce_eager, max_logprobs=cfg.max_logprobs,
+            model=str(model_dir), dtype=dtype_name(self.precision), enforce_eager=cfg.enforce_eager, max_logprobs=cfg.max_logprobs,
             max_model_len=cfg.max_model_len, tensor_parallel_size=cfg.tensor_parallel_size,
             trust_remote_code=cfg.trust_remote_code, seed=0,
         )

@@ -85,16 +85,20 @@ class SegmentSettings:
 class RolloutActor:
     """Holds one teacher engine; each call plays a batch of tasks and returns their record rows."""
 
-    def __init__(self, teacher_dir: str, cfg: RolloutConfig, seg: SegmentSettings, env_kwargs: dict[str, dict]):
+    def __init__(self, teacher_dir: str, cfg: RolloutConfig, seg: SegmentSettings, env_kwargs: dict[str, dict],
+                 precision: str = "auto"):
         from transformers import AutoTokenizer
 
+        from sad_ray.models.identity import teacher_id
         from sad_ray.models.tokenizers import tokenizer_fingerprint
 
         self.cfg, self.seg, self.env_kwargs = cfg, seg, env_kwargs
-        self.engine = make_engine(teacher_dir, cfg.engine)
+        # What the records name as their teacher: the model's folder name and weights fingerprint.
+        self.teacher_id = teacher_id(teacher_dir)
+        self.engine = make_engine(teacher_dir, cfg.engine, precision)
         self.scorer = self.engine
         if cfg.score_engine == "hf" and cfg.engine.kind != "hf":
-            self.scorer = make_engine(teacher_dir, replace(cfg.engine, kind="hf"))
+            self.scorer = make_engine(teacher_dir, replace(cfg.engine, kind="hf"), precision)
         # The masks need a fast HF tokenizer with offsets, whatever wrapper the engine keeps.
         self.tokenizer = AutoTokenizer.from_pretrained(teacher_dir, trust_remote_code=cfg.engine.trust_remote_code)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
@@ -132,7 +136,7 @@ class RolloutActor:
             kept, self.tokenizer, self.scorer, fmt=self.seg.fmt, top_k=self.seg.top_k,
             fingerprint=self.fingerprint, on_unparsed=self.seg.on_unparsed,
             drop_with_issues=self.seg.drop_with_issues, max_tokens=self.seg.max_tokens, on_drop=dropped,
-            context_chars=self.cfg.context_chars,
+            context_chars=self.cfg.context_chars, teacher_model=self.teacher_id,
         ):
             rows.append({**record.to_row(), "drop_reason": None, "row_kind": "record"})
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
@@ -197,8 +201,10 @@ def run_rollouts(
     env_kwargs: dict[str, dict] | None = None,
     records_per_shard: int = 256,
     tasks: Sequence[Task] | None = None,
+    precision: str = "auto",
 ) -> RolloutReport:
-    """Run the rollout stage on the current Ray cluster (starting a local one if none is up)."""
+    """Run the rollout stage on the current Ray cluster (starting a local one if none is up); the engines run in
+    `precision` (auto | bf16 | fp16 | fp32), resolved in each actor for the hardware it landed on."""
     import ray
 
     env_kwargs = env_kwargs or {}
@@ -220,7 +226,7 @@ def run_rollouts(
         ray.init(ignore_reinit_error=True, log_to_driver=False)
     ds = ray.data.from_items([asdict(t) for t in todo]).map_batches(
         RolloutActor,
-        fn_constructor_args=(str(teacher_dir), cfg, seg, env_kwargs),
+        fn_constructor_args=(str(teacher_dir), cfg, seg, env_kwargs, precision),
         batch_size=cfg.tasks_per_batch,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),

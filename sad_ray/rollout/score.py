@@ -6,6 +6,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -13,6 +14,7 @@ from sad_ray.envs.base import Episode
 from sad_ray.envs.react import episode_windows
 from sad_ray.method.curriculum import bucket_entropy
 from sad_ray.method.masks import MaskResult, build_masks
+from sad_ray.models.identity import teacher_id
 from sad_ray.records import TrajectoryRecord, window_id
 from sad_ray.rollout.engines import TeacherEngine
 
@@ -41,13 +43,17 @@ def score_episodes(
     on_drop: Callable[[Episode, str], None] | None = None,
     score_batch: int = 16,
     context_chars: int | None = None,
+    teacher_model: str | None = None,
 ) -> Iterator[TrajectoryRecord]:
     """Records for the episodes that pass; every drop is counted by reason in `report` (and told to `on_drop`).
+
+    Each record's `teacher_model` is `teacher_model` if given, else the engine's teacher id (`engine_teacher_id`).
 
     With `context_chars`, a chat longer than that is cut into windows the way the agent loop sees it
     (`episode_windows`): one record per window, ids `<episode id>#w<n>`, each assistant turn supervised once.
     """
     report = report if report is not None else ScoreReport()
+    teacher = teacher_model or engine_teacher_id(engine)
 
     def drop(ep: Episode, reason: str) -> None:
         report.dropped[reason] += 1
@@ -72,14 +78,21 @@ def score_episodes(
             else:
                 pending.append((ep, masks))
             if len(pending) >= score_batch:
-                yield from _scored(pending, engine, top_k, fingerprint, report)
+                yield from _scored(pending, engine, top_k, fingerprint, report, teacher)
                 pending = []
-    yield from _scored(pending, engine, top_k, fingerprint, report)
+    yield from _scored(pending, engine, top_k, fingerprint, report, teacher)
+
+
+def engine_teacher_id(engine: TeacherEngine) -> str:
+    """The id records carry for the engine's model: `teacher_id` of its folder (name and weights fingerprint);
+    an engine that is not a model folder (the demonstrations) keeps its own `model_id`."""
+    path = Path(engine.model_id)
+    return teacher_id(path) if (path / "config.json").is_file() else engine.model_id
 
 
 def _scored(
     pending: list[tuple[Episode, MaskResult]], engine: TeacherEngine, top_k: int, fingerprint: str,
-    report: ScoreReport,
+    report: ScoreReport, teacher: str,
 ) -> Iterator[TrajectoryRecord]:
     """One engine call scores the whole batch (vLLM batches the prefills)."""
     if not pending:
@@ -92,6 +105,5 @@ def _scored(
             input_ids=masks.input_ids, reason_mask=masks.reason_mask, act_mask=masks.act_mask,
             topk_ids=ids, topk_logprobs=lp, tail_logprob=tail, success=ep.success, reward=ep.reward,
             steps=ep.steps, teacher_entropy=float(np.mean(bucket_entropy(lp, tail))),
-            # Provisional: complexity is normalised over a dataset, so the trainer recomputes it over its own.
-            complexity=0.0, teacher_model=engine.model_id, tokenizer_fingerprint=fingerprint,
+            teacher_model=teacher, tokenizer_fingerprint=fingerprint,
         )

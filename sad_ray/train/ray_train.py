@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -60,7 +60,6 @@ class TrainerSettings:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    bf16: bool = True  # autocast where the hardware has it
     # Recompute each decoder layer's activations in backward instead of keeping them: activation memory falls from
     # O(layers x batch x tokens) to about one layer's worth, for more compute. Same gradients, same run.
     gradient_checkpointing: bool = False
@@ -87,15 +86,17 @@ class DataSummary:
     fingerprint: str
     bounds: tuple[list[float], list[float]]  # per-feature min and max of the complexity features
     ids_digest: str  # sha256 over the sorted record ids: which data this is
+    teacher: str = ""  # the teacher id every record carries (sad_ray.models.identity.teacher_id)
 
 
-def scan_records(records_dir: str | Path, split: str = "train") -> DataSummary:
+def scan_records(records_dir: str | Path, split: str = "train", teacher: str | None = None) -> DataSummary:
     """Validate every record (streamed shard by shard, nothing kept) and summarise the split to train on.
 
     Runs on the driver before any worker starts, so a bad dataset stops the run at once with a RecordError-style
-    message naming the record, the field and the file.
+    message naming the record, the field and the file. Every record must come from `teacher` (a teacher id), or,
+    without one, from one and the same teacher; a record of another is refused with its file named.
     """
-    from sad_ray.records import RecordError, iter_records
+    from sad_ray.records import RecordError, iter_records, teacher_mismatch
 
     records_dir = Path(records_dir)
     if not records_dir.exists():
@@ -106,14 +107,26 @@ def scan_records(records_dir: str | Path, split: str = "train") -> DataSummary:
     ids: list[str] = []
     fingerprints: set[str] = set()
     other = 0
+    first_teacher: tuple[str, Path] | None = None  # without an expected teacher: the first record's, and its file
     try:
-        for r in iter_records(records_dir):
-            if r.split != split:
-                other += 1
-                continue
-            feats.append((r.reasoning_length, r.action_length, r.teacher_entropy))
-            ids.append(r.id)
-            fingerprints.add(r.tokenizer_fingerprint)
+        for shard in shard_paths(records_dir):
+            for r in iter_records(shard):
+                if teacher is not None and r.teacher_model != teacher:
+                    raise TrainSetupError(teacher_mismatch(shard, r.teacher_model, teacher))
+                if first_teacher is None:
+                    first_teacher = (r.teacher_model, shard)
+                elif r.teacher_model != first_teacher[0]:
+                    raise TrainSetupError(
+                        f"records in {shard} were made by teacher {r.teacher_model}, those in {first_teacher[1]} by "
+                        f"teacher {first_teacher[0]}; train on one teacher's records")
+                if r.split != split:
+                    other += 1
+                    continue
+                feats.append((r.reasoning_length, r.action_length, r.teacher_entropy))
+                ids.append(r.id)
+                fingerprints.add(r.tokenizer_fingerprint)
+    except TrainSetupError:
+        raise
     except RecordError as exc:
         raise TrainSetupError(f"invalid training data: {exc}") from None
     except (OSError, ValueError) as exc:  # an unreadable or foreign Parquet file
@@ -127,7 +140,8 @@ def scan_records(records_dir: str | Path, split: str = "train") -> DataSummary:
     arr = np.asarray(feats, dtype=np.float64).T
     return DataSummary(records=len(feats), fingerprint=fingerprints.pop(),
                        bounds=(arr.min(axis=1).tolist(), arr.max(axis=1).tolist()),
-                       ids_digest=hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest())
+                       ids_digest=hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest(),
+                       teacher=first_teacher[0])
 
 
 def check_model(student_dir: str | Path, fingerprint: str, trust_remote_code: bool = False) -> int:
@@ -200,6 +214,11 @@ class _MetricsSink:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()
                                                     if math.isfinite(float(v))])
 
+    def tag(self, tags: dict[str, str]) -> None:
+        if self.client is not None:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, v)
+
 
 def _load_shard(split: str):
     """This worker's records, every row validated on read; returns (records, seconds spent)."""
@@ -219,32 +238,50 @@ def _load_shard(split: str):
     return records, time.perf_counter() - start
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """The per-worker loop (Ray Train calls it on every worker)."""
+@dataclass
+class _Worker:
+    """What one worker trains with: its shard, its curriculum, the model and how it is stepped."""
+
+    records: list
+    ids: list[str]
+    sampler: Any
+    tokenizer: Any
+    pad_id: int
+    module: Any  # the SupervisedHead
+    model: Any  # what the forward runs through: module, its DDP wrapper, or the DeepSpeed engine
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    engine: Any  # DeepSpeed engine or None
+    precision: str  # resolved: bf16 | fp16 | fp32
+    device: Any
+    load_seconds: float
+
+
+def _setup_worker(config: dict[str, Any], rank: int, world: int) -> _Worker:
     import ray.train
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sad_ray.method.curriculum import CurriculumSampler
-    from sad_ray.train.local import SupervisedHead, collate, per_example_loss
+    from sad_ray.precision import log_choice
+    from sad_ray.train.step import SupervisedHead
 
     s: TrainerSettings = config["settings"]
-    loss_cfg: LossConfig = config["loss"]
-    cur_cfg: CurriculumConfig = config["curriculum"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cur: CurriculumConfig = config["curriculum"]
     torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed + rank)
+    precision = log_choice(config["precision"], "cuda" if s.use_gpu else "cpu", f"training (rank {rank})")
 
     records, load_seconds = _load_shard(s.split)
     local_batch = s.batch_size * s.grad_accum
     if len(records) < local_batch:
         raise TrainSetupError(f"worker {rank} got {len(records)} records, fewer than batch_size x grad_accum "
                               f"({local_batch}); lower train.batch_size or train.num_workers")
-    ids = [r.id for r in records]
     complexity = normalised_complexity([r.reasoning_length for r in records], [r.action_length for r in records],
-                                       [r.teacher_entropy for r in records], config["bounds"], cur_cfg.weights)
-    sampler = CurriculumSampler(complexity, replace(cur_cfg, seed=cur_cfg.seed * 1000 + rank), local_batch)
+                                       [r.teacher_entropy for r in records], config["bounds"], cur.weights)
+    # One sampler per rank over its own shard (sad_ray.method.curriculum); ranks draw with their own seeds.
+    sampler = CurriculumSampler(complexity, replace(cur, seed=cur.seed * 1000 + rank), local_batch, s.steps)
 
     tokenizer = AutoTokenizer.from_pretrained(config["student_dir"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -252,10 +289,10 @@ def train_loop(config: dict[str, Any]) -> None:
     lm.config.use_cache = False
     if s.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = SupervisedHead(lm)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    module = SupervisedHead(lm)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, s))
-    engine = None
+    engine, scaler = None, None
     if s.strategy == "deepspeed":
         import deepspeed
 
@@ -264,90 +301,76 @@ def train_loop(config: dict[str, Any]) -> None:
             "gradient_accumulation_steps": s.grad_accum,
             "gradient_clipping": s.grad_clip,
             "zero_optimization": {"stage": s.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
-            "bf16": {"enabled": bool(s.use_gpu and s.bf16)},
+            # DeepSpeed's own half-precision weights on GPUs; on CPU the forward's autocast carries the precision.
+            "bf16": {"enabled": s.use_gpu and precision == "bf16"},
+            "fp16": {"enabled": s.use_gpu and precision == "fp16"},
             "steps_per_print": 10**9,
         }
         engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-        module = engine.module  # the SupervisedHead
-        train_model = engine
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        model = engine
     else:
-        train_model = ray.train.torch.prepare_model(model) if world > 1 or s.use_gpu else model
-        module = model
-    device = next(module.parameters()).device
-    train_model.train()
+        model = ray.train.torch.prepare_model(module) if world > 1 or s.use_gpu else module
+        if precision == "fp16":
+            scaler = torch.amp.GradScaler("cuda" if s.use_gpu else "cpu")
+    model.train()
+    return _Worker(records, [r.id for r in records], sampler, tokenizer, pad_id, module, model, optimizer, scheduler,
+                   scaler, engine, precision, next(module.parameters()).device, load_seconds)
 
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The per-worker loop (Ray Train calls it on every worker): draw, step, re-weight, log, checkpoint."""
+    import ray.train
+
+    from sad_ray.precision import host_summary
+    from sad_ray.train.step import curriculum_step, peak_memory_gb
+
+    s: TrainerSettings = config["settings"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    w = _setup_worker(config, rank, world)
+    sink = _MetricsSink(config.get("tracking_uri"), config.get("run_id") if rank == 0 else None)
     step = 0
-    start_ckpt = ray.train.get_checkpoint()
-    if start_ckpt is not None:
-        with start_ckpt.as_directory() as d:
-            step = _restore(Path(d), module, optimizer, scheduler, sampler, ids, engine, rank)
+    if (start := ray.train.get_checkpoint()) is not None:
+        with start.as_directory() as d:
+            step = _restore(Path(d), w, rank)
         log.info("worker %d resumed at step %d", rank, step)
-
-    sink = _MetricsSink(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else _MetricsSink(None, None)
-    if start_ckpt is not None and rank == 0:
         sink.log({"train/resumed_from_step": step}, step)
-    use_bf16 = s.bf16 and (s.use_gpu or torch.backends.mkldnn.is_available())
-    tokens = 0
-    t0 = time.perf_counter()
-    data_wait = load_seconds  # reading and validating this worker's shard is time spent waiting for data
-    if rank == 0 and step == 0:
-        sink.log({"train/data_load_seconds": load_seconds, "train/records_on_rank0": len(records)}, 0)
+    elif rank == 0:
+        sink.tag({f"sad_ray.train.{k}": v for k, v in host_summary(config["precision"],
+                                                                   "cuda" if s.use_gpu else "cpu").items()})
+        sink.log({"train/data_load_seconds": w.load_seconds, "train/records_on_rank0": len(w.records)}, 0)
+    tokens, t0 = 0, time.perf_counter()
     while step < s.steps:
-        t_data = time.perf_counter()
-        idx = sampler.next_batch()
-        micro = [idx[i : i + s.batch_size] for i in range(0, len(idx), s.batch_size)]
-        batches = [collate([records[i] for i in m], pad_id) for m in micro]
-        data_wait += time.perf_counter() - t_data
-        totals = {"loss": 0.0, "loss_cot": 0.0, "loss_act": 0.0, "n_reason": 0, "n_act": 0}
-        per_example = []
-        for j, batch in enumerate(batches):
-            on_device = {k: v.to(device) for k, v in batch.items()}
-            if engine is not None:  # DeepSpeed accumulates (gradient_accumulation_steps) and scales itself
-                out = _loss(engine, on_device, loss_cfg, config["vocab_size"], use_bf16, device)
-                engine.backward(out.loss)
-                engine.step()
-            else:
-                last = j == len(batches) - 1
-                with (train_model.no_sync() if not last and hasattr(train_model, "no_sync") else nullcontext()):
-                    out = _loss(train_model, on_device, loss_cfg, config["vocab_size"], use_bf16, device)
-                    (out.loss / len(batches)).backward()
-            per_example.append(per_example_loss(out, batch))
-            for k in ("loss", "loss_cot", "loss_act"):
-                totals[k] += float(getattr(out, k).detach()) / len(batches)
-            totals["n_reason"] += out.n_reason
-            totals["n_act"] += out.n_act
-        if engine is not None:
-            grad_norm = float(engine.get_global_grad_norm() or 0.0)
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(module.parameters(), s.grad_clip))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        sampler.update(idx, np.concatenate(per_example))
+        _, out = curriculum_step(w.model, w.sampler, w.records, s.batch_size, w.pad_id, config["loss"],
+                                 vocab_size=config["vocab_size"], precision=w.precision, optimizer=w.optimizer,
+                                 scheduler=w.scheduler, grad_clip=s.grad_clip, scaler=w.scaler, engine=w.engine)
         step += 1
-        tokens += totals["n_reason"] + totals["n_act"]
+        tokens += out.n_reason + out.n_act  # the whole step's, over every rank
+        elapsed = time.perf_counter() - t0
+        metrics = {"step": step, "loss": out.loss, "loss_cot": out.loss_cot, "loss_act": out.loss_act,
+                   "loss_ce": out.loss_ce, "tokens": tokens, "seconds": elapsed + w.load_seconds,
+                   "data_wait_seconds": w.load_seconds, "peak_memory_gb": peak_memory_gb(w.device)}
         if rank == 0 and (step % s.log_every == 0 or step == s.steps):
-            elapsed = time.perf_counter() - t0
-            sink.log({"loss": totals["loss"], "loss_cot": totals["loss_cot"], "loss_act": totals["loss_act"],
-                      "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                      "tokens_per_second": tokens * world / elapsed if elapsed else 0.0,
-                      "data_wait_fraction": data_wait / (elapsed + load_seconds),
-                      "peak_memory_gb": _peak_rss_gb(),
-                      **sampler.stats()}, step)
+            sink.log({**metrics, "lr": w.scheduler.get_last_lr()[0], "grad_norm": out.grad_norm,
+                      "tokens_per_second": tokens / elapsed if elapsed else 0.0,
+                      "data_wait_fraction": w.load_seconds / (elapsed + w.load_seconds), **w.sampler.stats()}, step)
         if step % s.checkpoint_every == 0 or step == s.steps:
-            final = step == s.steps
-            metrics = {"step": step, "loss": totals["loss"], "loss_cot": totals["loss_cot"],
-                       "loss_act": totals["loss_act"], "tokens": tokens,
-                       "seconds": time.perf_counter() - t0 + load_seconds, "data_wait_seconds": data_wait,
-                       "peak_memory_gb": _peak_rss_gb()}
-            with _staging(ctx.get_experiment_name(), rank) as d:
-                _save(d, step, module, optimizer, scheduler, sampler, ids, engine, rank, metrics)
-                if final and rank == 0:
-                    _save_hf(d / HF_SUBDIR, module, engine, tokenizer, metrics)
-                elif final and engine is not None and s.zero_stage == 3:
-                    _save_hf(None, module, engine, tokenizer, metrics)  # every rank joins the gather
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
+            _checkpoint(ctx.get_experiment_name(), step, w, rank, metrics, final=step == s.steps,
+                        zero3=w.engine is not None and s.zero_stage == 3)
+
+
+def _checkpoint(run: str, step: int, w: _Worker, rank: int, metrics: dict[str, float], final: bool,
+                zero3: bool) -> None:
+    import ray.train
+
+    with _staging(run, rank) as d:
+        _save(d, step, w, rank, metrics)
+        if final and rank == 0:
+            _save_hf(d / HF_SUBDIR, w, {**metrics, "precision": w.precision})
+        elif final and zero3:
+            _save_hf(None, w, metrics)  # every rank joins the gather
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
 
 
 @contextmanager
@@ -364,21 +387,6 @@ def _staging(run: str, rank: int) -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _peak_rss_gb() -> float:
-    """This worker process's peak resident memory (activations dominate it: see gradient_checkpointing)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
-
-
-def _loss(model, batch, loss_cfg, vocab_size, use_bf16, device):
-    from sad_ray.train.local import forward_loss
-
-    return forward_loss(model, batch, loss_cfg, vocab_size, autocast_device=device.type, bf16=use_bf16)
-
-
 def _rng_state() -> dict[str, Any]:
     import random
 
@@ -387,62 +395,69 @@ def _rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
 
 
-def _save(d: Path, step, module, optimizer, scheduler, sampler, ids, engine, rank, metrics) -> None:
+def _save(d: Path, step: int, w: _Worker, rank: int, metrics: dict[str, float]) -> None:
     import torch
 
-    sampler_state = {"step": sampler.step, "ids": ids, "running_loss": sampler.running_loss.copy()}
+    # The curriculum by record id: restoring checks that this rank holds the same records in the same order.
+    sampler_state = {"step": w.sampler.step, "order_ids": [w.ids[i] for i in w.sampler.order],
+                     "running_loss": dict(zip(w.ids, w.sampler.running_loss.tolist(), strict=True))}
     torch.save({"sampler": sampler_state, "rng": _rng_state()}, d / f"worker-{rank}.pt")
-    if engine is not None:
-        engine.save_checkpoint(str(d / "deepspeed"), tag="state")  # collective: every rank writes its part
+    if w.engine is not None:
+        w.engine.save_checkpoint(str(d / "deepspeed"), tag="state")  # collective: every rank writes its part
     elif rank == 0:
-        torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict()}, d / "state.pt")
+        torch.save({"model": w.module.state_dict(), "optimizer": w.optimizer.state_dict(),
+                    "scheduler": w.scheduler.state_dict(),
+                    "scaler": w.scaler.state_dict() if w.scaler is not None else None}, d / "state.pt")
     if rank == 0:
         (d / "progress.json").write_text(json.dumps({"step": step, **metrics}))
 
 
-def _restore(d: Path, module, optimizer, scheduler, sampler, ids, engine, rank) -> int:
+def _restore(d: Path, w: _Worker, rank: int) -> int:
     import random
 
     import torch
 
     step = json.loads((d / "progress.json").read_text())["step"]
-    if engine is not None:
-        engine.load_checkpoint(str(d / "deepspeed"), tag="state")
+    own = d / f"worker-{rank}.pt"
+    if not own.is_file():
+        raise TrainSetupError(f"checkpoint {d} has no state for worker {rank}: it was made by fewer workers")
+    saved = torch.load(own, weights_only=False)
+    order_ids = saved["sampler"]["order_ids"]
+    index = {rid: i for i, rid in enumerate(w.ids)}
+    if len(order_ids) != len(w.ids) or any(rid not in index for rid in order_ids):
+        raise TrainSetupError(
+            f"checkpoint {d} was made on other data: worker {rank}'s curriculum held {len(order_ids)} records, "
+            f"this shard holds {len(w.ids)} ({sum(rid not in index for rid in order_ids)} of the saved ones missing)")
+    # load_state_dict compares the saved curriculum order with the one built now from the same records.
+    losses = saved["sampler"]["running_loss"]
+    w.sampler.load_state_dict({"step": step, "order": np.array([index[rid] for rid in order_ids]),
+                               "running_loss": np.array([losses[rid] for rid in w.ids], dtype=np.float64)})
+    if w.engine is not None:
+        w.engine.load_checkpoint(str(d / "deepspeed"), tag="state")
     else:
         state = torch.load(d / "state.pt", weights_only=False)
-        module.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    # The running losses are kept by record id, so a restart whose shards came out differently (another
-    # worker count, another block order) still finds each example's history.
-    by_id: dict[str, float] = {}
-    own = d / f"worker-{rank}.pt"
-    for f in sorted(d.glob("worker-*.pt")):
-        saved = torch.load(f, weights_only=False)
-        for rid, loss in zip(saved["sampler"]["ids"], saved["sampler"]["running_loss"], strict=True):
-            if not np.isnan(loss):
-                by_id[rid] = float(loss)
-        if f == own:
-            torch.set_rng_state(saved["rng"]["torch"])
-            np.random.set_state(saved["rng"]["numpy"])
-            random.setstate(saved["rng"]["python"])
-    sampler.load_state_dict({"step": step, "order": sampler.order,
-                             "running_loss": np.array([by_id.get(i, np.nan) for i in ids])})
+        w.module.load_state_dict(state["model"])
+        w.optimizer.load_state_dict(state["optimizer"])
+        w.scheduler.load_state_dict(state["scheduler"])
+        if w.scaler is not None and state.get("scaler") is not None:
+            w.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    np.random.set_state(saved["rng"]["numpy"])
+    random.setstate(saved["rng"]["python"])
     return step
 
 
-def _save_hf(target: Path | None, module, engine, tokenizer, metrics) -> None:
-    """The trained student as a Hugging Face directory (fp32 weights)."""
+def _save_hf(target: Path | None, w: _Worker, metrics) -> None:
+    """The trained student as a Hugging Face directory."""
     state = None
-    if engine is not None and engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # gathers on every rank, returns on rank 0
+    if w.engine is not None and w.engine.zero_optimization_stage() == 3:
+        state = w.engine._zero3_consolidated_16bit_state_dict()  # gathers on every rank, returns on rank 0
     if target is None:
         return
     if state is not None:  # keys of the SupervisedHead wrapper: "lm.<name>"
         state = {k.removeprefix("lm."): v for k, v in state.items()}
-    module.lm.save_pretrained(target, state_dict=state)
-    tokenizer.save_pretrained(target)
+    w.module.lm.save_pretrained(target, state_dict=state)
+    w.tokenizer.save_pretrained(target)
     (target / "sad_ray_train.json").write_text(json.dumps(metrics, indent=2))
 
 
@@ -477,12 +492,27 @@ def result_settings(settings: TrainerSettings) -> dict[str, Any]:
     return {k: v for k, v in asdict(settings).items() if k not in NOT_IN_RESULT}
 
 
-def run_identity(summary: DataSummary, student_dir, settings: TrainerSettings, loss_cfg, curriculum_cfg) -> str:
-    """What makes two trainings the same run: data, start model, and every setting that changes the result."""
+def run_identity(summary: DataSummary, student_dir, settings: TrainerSettings, loss_cfg, curriculum_cfg,
+                 precision: str = "auto") -> str:
+    """What makes two trainings the same run: the teacher (id, from the records), the start model (by content:
+    config, tokenizer and weights, wherever it lies), the data (record ids), and every setting that changes the
+    result."""
+    from sad_ray.models.identity import model_fingerprint
+
     kept = result_settings(settings)
-    key = {"data": summary.ids_digest, "student": str(Path(student_dir).resolve()), "settings": kept,
-           "loss": asdict(loss_cfg), "curriculum": asdict(curriculum_cfg)}
+    key = {"teacher": summary.teacher, "student": model_fingerprint(student_dir), "data": summary.ids_digest,
+           "settings": kept, "loss": asdict(loss_cfg), "curriculum": asdict(curriculum_cfg), "precision": precision}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _deterministic_shards():
+    """Ray Data's split with blocks in file order and no node locality, so a worker gets the same records on every
+    (re)start: its checkpointed curriculum is restored onto the same shard, which `_restore` checks by record id."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(execution_options=options, enable_shard_locality=False)
 
 
 def _check_resources(s: TrainerSettings) -> None:
@@ -513,22 +543,27 @@ def train_student(
     tracking_uri: str | None = None,
     mlflow_run_id: str | None = None,
     trust_remote_code: bool = False,
+    teacher: str | None = None,
+    final_dir: str | Path | None = None,
+    precision: str = "auto",
 ) -> TrainResult:
-    """Train the student at `student_dir` on the records; the trained model lands in `out_dir/student`.
+    """Train the student at `student_dir` on the records; the trained model lands in `final_dir` (default
+    `out_dir/student`), checkpoints in `out_dir/ray_train/<run_name>-<run identity>`.
 
-    A run is identified by its data (record ids), start model and settings: rerunning it resumes from its last
-    checkpoint, or returns at once when it finished; changed data or settings start a new run.
+    `teacher` is the teacher id the records must carry (records of another teacher are refused, naming the file).
+    A run is identified by its teacher, start model (weights), data (record ids) and settings (`run_identity`):
+    rerunning it resumes from its last checkpoint, or returns at once when it finished; a changed one is a new run.
     """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     out_dir = Path(out_dir).expanduser().resolve()
-    final = out_dir / "student"
+    final = Path(final_dir).expanduser().resolve() if final_dir is not None else out_dir / "student"
     done_marker = final / "sad_ray_train.json"
-    summary = scan_records(records_dir, settings.split)
+    summary = scan_records(records_dir, settings.split, teacher)
     vocab = check_model(student_dir, summary.fingerprint, trust_remote_code)
-    run_id = run_identity(summary, student_dir, settings, loss_cfg, curriculum_cfg)
+    run_id = run_identity(summary, student_dir, settings, loss_cfg, curriculum_cfg, precision)
     if done_marker.exists():
         saved = json.loads(done_marker.read_text())
         if saved.get("run") == run_id:
@@ -557,7 +592,7 @@ def train_student(
             "settings": settings, "loss": loss_cfg, "curriculum": curriculum_cfg, "bounds": summary.bounds,
             "student_dir": str(Path(student_dir).resolve()), "vocab_size": vocab,
             "tracking_uri": _absolute_tracking_uri(tracking_uri) if tracking_uri else None,
-            "run_id": mlflow_run_id,
+            "run_id": mlflow_run_id, "precision": precision,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=settings.num_workers, use_gpu=settings.use_gpu,
@@ -571,6 +606,7 @@ def train_student(
                                              if k in os.environ}},
         ),
         datasets={"train": dataset},
+        dataset_config=_deterministic_shards(),
     )
     result = trainer.fit()
     if result.error is not None:
@@ -580,7 +616,8 @@ def train_student(
         hf = Path(d) / HF_SUBDIR
         if not hf.is_dir():
             raise RuntimeError(f"the final checkpoint {result.checkpoint.path} has no {HF_SUBDIR}/ model")
-        tmp = out_dir / ".student.tmp"
+        tmp = final.parent / f".{final.name}.tmp"
+        final.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         shutil.copytree(hf, tmp)
@@ -590,6 +627,7 @@ def train_student(
                       data_wait_seconds=float(progress["data_wait_seconds"]), checkpoint=str(result.checkpoint.path),
                       peak_memory_gb=float(progress.get("peak_memory_gb", 0.0)))
     (tmp / "sad_ray_train.json").write_text(json.dumps({"result": asdict(res), "run": run_id,
+                                                        "teacher": summary.teacher,
                                                         "settings": asdict(settings)}, indent=2))
     replace_dir(tmp, final)
     return res
