@@ -2,7 +2,8 @@
 with the CPU model, its bf16 flags and what `precision: auto` picks here printed next to them.
 
 - training: the student (`--layers` layers cut from the starter, as `make demo` builds it), one SAD training step
-  (forward under autocast, loss, backward, AdamW) on `--batch` chats of `--tokens` tokens, 2 threads;
+  (forward under autocast, loss, backward, AdamW) on `--batch` chats of `--tokens` tokens, 2 threads; the
+  precisions take turns step by step and each reports its median;
 - generation: the vLLM CPU engine (the starter, enforce_eager), `--prompts` chats x `--new-tokens` new tokens,
   ignoring EOS so every precision generates the same count; the engine's start-up is timed apart.
 
@@ -23,8 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sad_ray.precision import BF16_CPU_FLAGS, cpu_flags, cpu_model, resolve_precision  # noqa: E402
 
 
-def bench_training(student: Path, precision: str, batch: int, tokens: int, steps: int) -> float:
-    """Supervised tokens per second of full training steps (after one warm-up step)."""
+def bench_training(student: Path, precisions: list[str], batch: int, tokens: int, rounds: int) -> dict[str, float]:
+    """Supervised tokens per second of full training steps in each precision. The precisions take turns, one step
+    each per round (after a warm-up step each), and each reports its median step: a load that comes and goes on the
+    machine then falls on all of them alike instead of on whichever ran at the time."""
+    import statistics
+
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
@@ -33,9 +38,7 @@ def bench_training(student: Path, precision: str, batch: int, tokens: int, steps
     from sad_ray.train.step import SupervisedHead, train_step
 
     torch.manual_seed(0)
-    lm = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
-    lm.config.use_cache = False
-    vocab = lm.config.vocab_size
+    vocab = AutoModelForCausalLM.from_pretrained(student).config.vocab_size
     rng = np.random.default_rng(0)
     ids = torch.as_tensor(rng.integers(0, vocab, size=(batch, tokens)))
     reason = torch.zeros(batch, tokens, dtype=torch.bool)
@@ -46,20 +49,26 @@ def bench_training(student: Path, precision: str, batch: int, tokens: int, steps
     top_ids, top_lp, tail = teacher_topk(torch.randn(n, vocab) * 3, 20)
     batch_t = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "reason_mask": reason, "act_mask": act,
                "topk_ids": top_ids.long(), "topk_logprobs": top_lp, "tail_logprob": tail}
-    head = SupervisedHead(lm)
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-5)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
 
-    def step():
-        return train_step(head, [batch_t], LossConfig(), vocab_size=vocab, precision=precision, optimizer=opt,
-                          scheduler=sched, scaler=scaler)
-
-    step()  # warm-up: kernels, allocator
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * n / (time.perf_counter() - start)
+    steps = {}
+    for p in precisions:
+        lm = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+        lm.config.use_cache = False
+        head = SupervisedHead(lm)
+        opt = torch.optim.AdamW(head.parameters(), lr=1e-5)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        scaler = torch.amp.GradScaler("cpu") if p == "fp16" else None
+        steps[p] = (lambda head=head, opt=opt, sched=sched, scaler=scaler, p=p: train_step(
+            head, [batch_t], LossConfig(), vocab_size=vocab, precision=p, optimizer=opt, scheduler=sched,
+            scaler=scaler))
+        steps[p]()  # warm-up: kernels, allocator
+    times: dict[str, list[float]] = {p: [] for p in precisions}
+    for _ in range(rounds):
+        for p in precisions:
+            start = time.perf_counter()
+            steps[p]()
+            times[p].append(time.perf_counter() - start)
+    return {p: n / statistics.median(t) for p, t in times.items()}
 
 
 def bench_generation(model: Path, precision: str, prompts: int, new_tokens: int) -> tuple[float, float]:
@@ -92,7 +101,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="timed training steps per precision, interleaved")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-vllm", action="store_true")
@@ -111,20 +120,23 @@ def main() -> None:
     results: dict[str, dict[str, float | str]] = {}
     with tempfile.TemporaryDirectory(prefix="sad-ray-bench-precision-") as tmp:
         student = build_student(starter, Path(tmp) / "student", args.layers).path
-        for p in args.precisions.split(","):
-            row: dict[str, float | str] = {}
+        precisions = args.precisions.split(",")
+        for p in precisions:
+            results[p] = {}
+        try:
+            for p, rate in bench_training(student, precisions, args.batch, args.tokens, args.rounds).items():
+                results[p]["train_tok_s"] = rate
+        except Exception as exc:  # noqa: BLE001 - a precision this host cannot run is reported, not fatal
+            for p in precisions:
+                results[p]["train_tok_s"] = f"failed ({type(exc).__name__}: {str(exc)[:80]})"
+        for p in precisions if not args.skip_vllm else []:
             try:
-                row["train_tok_s"] = bench_training(student, p, args.batch, args.tokens, args.steps)
-            except Exception as exc:  # noqa: BLE001 - a precision this host cannot run is reported, not fatal
-                row["train_tok_s"] = f"unsupported ({type(exc).__name__}: {str(exc)[:80]})"
-            if not args.skip_vllm:
-                try:
-                    row["gen_tok_s"], row["engine_start_s"] = bench_generation(starter, p, args.prompts,
-                                                                               args.new_tokens)
-                except Exception as exc:  # noqa: BLE001
-                    row["gen_tok_s"] = f"unsupported ({type(exc).__name__}: {str(exc)[:80]})"
-            results[p] = row
-            print(p, json.dumps(row))
+                results[p]["gen_tok_s"], results[p]["engine_start_s"] = bench_generation(
+                    starter, p, args.prompts, args.new_tokens)
+            except Exception as exc:  # noqa: BLE001
+                results[p]["gen_tok_s"] = f"unsupported ({type(exc).__name__}: {str(exc)[:80]})"
+        for p in precisions:
+            print(p, json.dumps(results[p]))
     base = results.get("fp32", {})
 
     def ratio(row, key):
@@ -140,6 +152,7 @@ def main() -> None:
     for p, row in results.items():
         print(f"| {p} | {num(row, 'train_tok_s')} | {ratio(row, 'train_tok_s')} | {num(row, 'gen_tok_s')} | "
               f"{ratio(row, 'gen_tok_s')} | {num(row, 'engine_start_s')} |")
+
 
 if __name__ == "__main__":
     main()
