@@ -75,10 +75,10 @@ def bench_generation(model: Path, precision: str, prompts: int, new_tokens: int)
     """(generated tokens per second, engine start-up seconds) of the vLLM CPU engine."""
     from vllm import SamplingParams
 
-    from sad_ray.rollout.engines import EngineConfig, VLLMTeacherEngine
+    from sad_ray.rollout.engines import EngineConfig, VLLMEngine
 
     start = time.perf_counter()
-    engine = VLLMTeacherEngine(model, EngineConfig(max_model_len=2048), precision)
+    engine = VLLMEngine(model, EngineConfig(max_model_len=2048), precision)
     startup = time.perf_counter() - start
     try:
         chats = [[{"role": "user", "content": f"Describe room {i} of a house in detail."}] for i in range(prompts)]

@@ -27,7 +27,7 @@ def main() -> int:
     from sad_ray.models.starter import provision_starter
     from sad_ray.models.tokenizers import tokenizer_fingerprint
     from sad_ray.records import write_shard
-    from sad_ray.rollout.engines import HFTeacherEngine
+    from sad_ray.rollout.engines import HFEngine
     from sad_ray.rollout.score import score_episodes
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -39,7 +39,7 @@ def main() -> int:
 
     teacher = provision_starter(Path(os.environ.get("SAD_RAY_CACHE", "~/.cache/sad-ray")).expanduser())
     tokenizer = AutoTokenizer.from_pretrained(teacher)
-    engine = HFTeacherEngine(teacher)
+    engine = HFEngine(teacher)
     episodes = seed_episodes(args.episodes)
     records = list(score_episodes(episodes, tokenizer, engine, fmt="react", top_k=args.k,
                                   fingerprint=tokenizer_fingerprint(tokenizer)))

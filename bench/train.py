@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sad_ray.method.curriculum import CurriculumConfig  # noqa: E402
 from sad_ray.method.losses import LossConfig  # noqa: E402
-from sad_ray.train.ray_train import TrainerSettings, train_student  # noqa: E402
+from sad_ray.train.ray_train import TrainConfig, train_on_records  # noqa: E402
 
 
 def make_records(root: Path, episodes: int) -> Path:
@@ -34,7 +34,7 @@ def make_records(root: Path, episodes: int) -> Path:
     from sad_ray.models.starter import provision_starter
     from sad_ray.models.tokenizers import tokenizer_fingerprint
     from sad_ray.records import ShardWriter
-    from sad_ray.rollout.engines import HFTeacherEngine
+    from sad_ray.rollout.engines import HFEngine
     from sad_ray.rollout.score import score_episodes
     from tests.conftest import cache_dir
 
@@ -45,7 +45,7 @@ def make_records(root: Path, episodes: int) -> Path:
         env = make_env(name, **({"cache_dir": str(cache_dir() / "alfworld")} if name == "alfworld" else {}))
         demos += [demonstration(env, t) for t in env.tasks("train", episodes)]
         env.close()
-    engine = HFTeacherEngine(starter)
+    engine = HFEngine(starter)
     with ShardWriter(root / "records", 64) as writer:
         for r in score_episodes(demos, tok, engine, fmt="react", top_k=20, fingerprint=tokenizer_fingerprint(tok),
                                 context_chars=3000, max_tokens=4096):
@@ -78,10 +78,10 @@ def main() -> None:
         }
         results = {}
         for name, (loss, strategy, checkpointing) in runs.items():
-            settings = TrainerSettings(steps=args.steps, batch_size=args.batch_size, checkpoint_every=args.steps,
+            settings = TrainConfig(steps=args.steps, batch_size=args.batch_size, checkpoint_every=args.steps,
                                        strategy=strategy, zero_stage=2, threads=2,
                                        gradient_checkpointing=checkpointing)
-            r = train_student(root / "records", student, root / name.replace(" ", "_"), settings, loss,
+            r = train_on_records(root / "records", student, root / name.replace(" ", "_"), settings, loss,
                               CurriculumConfig(ramp=0.5))
             results[name] = r
             print(f"{name:24s} {r.tokens} supervised tokens in {r.seconds:.1f} s: {r.tokens_per_second:.0f} tok/s, "

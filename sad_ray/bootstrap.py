@@ -45,7 +45,7 @@ def settings_hash(cfg: Config) -> str:
 
 def env_tasks(cfg: Config, split: str, counts: tuple[int, ...]) -> list[Task]:
     from sad_ray.envs import make_env
-    from sad_ray.pipeline import env_kwargs
+    from sad_ray.stages import env_kwargs
 
     tasks: list[Task] = []
     for name, n in zip(cfg.bootstrap.envs, counts, strict=True):
@@ -63,8 +63,8 @@ def demo_records(cfg: Config, base_dir: Path, records_dir: Path) -> ScoreReport:
     from sad_ray.envs import make_env
     from sad_ray.envs.react import demonstration
     from sad_ray.models.tokenizers import tokenizer_fingerprint
-    from sad_ray.pipeline import env_kwargs
     from sad_ray.rollout.engines import DemonstrationTeacher
+    from sad_ray.stages import env_kwargs
 
     done = finished_episodes(records_dir)
     tasks = [t for t in env_tasks(cfg, "train", cfg.bootstrap.demos) if t.id not in done]
@@ -99,8 +99,8 @@ def run_bootstrap(cfg: Config) -> dict[str, Any]:
     from sad_ray.eval.agent_eval import evaluate_agent
     from sad_ray.method.losses import LossConfig
     from sad_ray.models.starter import resolve_model
-    from sad_ray.pipeline import env_kwargs
-    from sad_ray.train.ray_train import train_student
+    from sad_ray.stages import env_kwargs
+    from sad_ray.train.ray_train import train_on_records
 
     home = teacher_home(cfg)
     digest = settings_hash(cfg)
@@ -128,7 +128,7 @@ def run_bootstrap(cfg: Config) -> dict[str, Any]:
                                   **{f"dropped/{k}": v for k, v in report.dropped.items()}})
         with tracking.stage_run("train", {f"train.{k}": v for k, v in to_flat_dict(cfg.bootstrap.train).items()}) \
                 as train_run:
-            result = train_student(
+            result = train_on_records(
                 work / "records", base, work, cfg.bootstrap.train, LossConfig(objective="sft"),
                 cfg.bootstrap.curriculum, run_name="bootstrap",
                 tracking_uri=cfg.tracking.tracking_uri, mlflow_run_id=train_run.info.run_id,

@@ -19,7 +19,7 @@ from sad_ray.method.curriculum import CurriculumConfig
 from sad_ray.method.losses import LossConfig
 from sad_ray.rollout.engines import EngineConfig
 from sad_ray.rollout.pipeline import RolloutConfig
-from sad_ray.train.ray_train import TrainerSettings
+from sad_ray.train.ray_train import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -90,10 +90,6 @@ class DataConfig:
             raise ValueError("episodes_per_env and seed_episodes must be >= 1, max_tokens >= 16")
 
 
-# `train.*`: how the student is trained under Ray Train (sad_ray.train.ray_train.TrainerSettings).
-TrainConfig = TrainerSettings
-
-
 @dataclass(frozen=True)
 class BootstrapConfig:
     """`jobs/bootstrap_teacher.py`: fine-tune a base model on expert demonstrations into a teacher that plays."""
@@ -116,7 +112,7 @@ class BootstrapConfig:
     curriculum: CurriculumConfig = field(default_factory=lambda: CurriculumConfig(c0=1.0, ramp=0.0))
     # Step limit in evaluation; null keeps each environment's own (ALFWorld 50, WebShop 15, HotPotQA 8).
     eval_max_steps: int | None = None
-    train: TrainerSettings = field(default_factory=lambda: TrainerSettings(
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=360, batch_size=4, grad_accum=1, lr=2e-4, warmup_steps=4, schedule="cosine", checkpoint_every=20))
     register_as: str = "sad-ray-teacher"
 

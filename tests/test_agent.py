@@ -6,7 +6,7 @@ import pytest
 
 from sad_ray.envs import make_env
 from sad_ray.rollout.agent import PlayConfig, PlayStats, parse_action, play
-from sad_ray.rollout.engines import HFTeacherEngine, SamplingConfig
+from sad_ray.rollout.engines import HFEngine, SamplingConfig
 
 
 @pytest.mark.parametrize(
@@ -20,7 +20,7 @@ def test_parse_action(text, action):
 
 
 def test_the_starter_plays_real_episodes_to_the_end(starter_dir):
-    engine = HFTeacherEngine(starter_dir)
+    engine = HFEngine(starter_dir)
     env = make_env("hotpotqa", max_steps=2)
     tasks = env.tasks("val", 3)
     stats = PlayStats()

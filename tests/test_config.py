@@ -92,7 +92,7 @@ def test_the_shipped_configs_load():
 
 def test_a_nested_override_keeps_the_sections_own_defaults():
     cfg = load_config(None, ["bootstrap.train.steps=5"])
-    # bootstrap.train has its own defaults (not TrainerSettings'); overriding one key keeps the others.
+    # bootstrap.train has its own defaults (not TrainConfig'); overriding one key keeps the others.
     assert cfg.bootstrap.train.steps == 5
     assert cfg.bootstrap.train.schedule == "cosine" and cfg.bootstrap.train.checkpoint_every == 20
 

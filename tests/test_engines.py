@@ -10,17 +10,17 @@ from sad_ray.method.masks import build_masks
 from sad_ray.records import TrajectoryRecord, validate_row
 from sad_ray.rollout.engines import (
     EngineConfig,
-    HFTeacherEngine,
+    HFEngine,
     SamplingConfig,
-    VLLMTeacherEngine,
+    VLLMEngine,
     make_engine,
 )
 
 
 @pytest.fixture(scope="module")
 def engines(starter_dir):
-    vllm_engine = VLLMTeacherEngine(starter_dir, EngineConfig(kind="vllm", max_model_len=2048), precision="fp32")
-    yield vllm_engine, HFTeacherEngine(starter_dir, precision="fp32")
+    vllm_engine = VLLMEngine(starter_dir, EngineConfig(kind="vllm", max_model_len=2048), precision="fp32")
+    yield vllm_engine, HFEngine(starter_dir, precision="fp32")
     vllm_engine.close()
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from sad_ray.config import load_config
-from sad_ray.pipeline import load_episodes, run_distill
 from sad_ray.records import read_records
+from sad_ray.stages import load_episodes, run_distill
 from tests.conftest import cache_dir
 
 
@@ -235,9 +235,9 @@ def test_the_seed_source_and_jsonl_files_feed_the_same_stage(tmp_path):
 def test_hf_engine_scores_match_the_full_distribution(starter_dir, starter_tokenizer):
     from sad_ray.envs.seed import seed_episode
     from sad_ray.method.masks import build_masks
-    from sad_ray.rollout.engines import HFTeacherEngine
+    from sad_ray.rollout.engines import HFEngine
 
-    engine = HFTeacherEngine(starter_dir)
+    engine = HFEngine(starter_dir)
     m = build_masks(starter_tokenizer, list(seed_episode(1).turns), "react")
     sup = m.reason_mask | m.act_mask
     ((ids, lp, tail),) = engine.score([m.input_ids], [sup], 20)

@@ -7,7 +7,7 @@ import pytest
 from sad_ray.models.identity import teacher_id
 from sad_ray.records import dropped_episodes, read_records
 from sad_ray.rollout.engines import EngineConfig
-from sad_ray.rollout.pipeline import RolloutConfig, SegmentSettings, run_rollouts
+from sad_ray.rollout.pipeline import RecordRecipe, RolloutConfig, run_rollouts
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def small(kind: str, **kw) -> RolloutConfig:
 @pytest.mark.parametrize("kind,scorer", [("hf", "same"), ("vllm", "same"), ("vllm", "hf")])
 def test_rollouts_write_validated_shards_and_resume(ray_local, starter_dir, tmp_path, kind, scorer):
     out = tmp_path / "records"
-    report = run_rollouts(starter_dir, out, small(kind, score_engine=scorer), SegmentSettings(top_k=5, max_tokens=4096),
+    report = run_rollouts(starter_dir, out, small(kind, score_engine=scorer), RecordRecipe(top_k=5, max_tokens=4096),
                           records_per_shard=3)
     assert report.episodes == 4
     assert report.written + sum(report.dropped.values()) == 4
@@ -41,26 +41,26 @@ def test_rollouts_write_validated_shards_and_resume(ray_local, starter_dir, tmp_
     for r in records:
         assert r.env in ("hotpotqa", "webshop") and 1 <= r.steps <= 2 and r.top_k == 5
         assert r.teacher_model == teacher_id(starter_dir)  # the folder name and its weights' fingerprint
-    again = run_rollouts(starter_dir, out, small(kind, score_engine=scorer), SegmentSettings(top_k=5, max_tokens=4096))
+    again = run_rollouts(starter_dir, out, small(kind, score_engine=scorer), RecordRecipe(top_k=5, max_tokens=4096))
     assert again.skipped_existing == report.written and again.written + sum(again.dropped.values()) == 4 - report.written
 
 
 def test_only_successful_episodes_are_kept_by_default(ray_local, starter_dir, tmp_path):
     # The untrained starter does not solve WebShop in one step: every episode is dropped and counted.
     report = run_rollouts(starter_dir, tmp_path / "r", small("hf", envs=("webshop",), max_steps=1, keep="success"),
-                          SegmentSettings(top_k=5, max_tokens=4096))
+                          RecordRecipe(top_k=5, max_tokens=4096))
     assert report.written == 0 and report.dropped == {"failed_episode": 2}
     assert not list((tmp_path / "r").glob("part-*.parquet"))
     # The failures are in the folder's ledger, so a rerun does not play them again (greedy play would fail them
     # the same way) ...
     assert set(dropped_episodes(tmp_path / "r").values()) == {"failed_episode"}
     again = run_rollouts(starter_dir, tmp_path / "r", small("hf", envs=("webshop",), max_steps=1, keep="success"),
-                         SegmentSettings(top_k=5, max_tokens=4096))
+                         RecordRecipe(top_k=5, max_tokens=4096))
     assert again.episodes == 0 and again.skipped_existing == again.skipped_dropped == 2
     assert "rollout/success_rate" not in again.metrics()  # nothing played: no rate, rather than a rate of 0
     # ... unless the settings now keep failed episodes: then they are played and written.
     kept = run_rollouts(starter_dir, tmp_path / "r", small("hf", envs=("webshop",), max_steps=1, keep="all"),
-                        SegmentSettings(top_k=5, max_tokens=4096))
+                        RecordRecipe(top_k=5, max_tokens=4096))
     assert kept.episodes == 2 and kept.written == 2 and kept.skipped_existing == 0
 
 

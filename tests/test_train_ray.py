@@ -15,7 +15,7 @@ import pytest
 
 from sad_ray.method.curriculum import CurriculumConfig
 from sad_ray.method.losses import LossConfig
-from sad_ray.train.ray_train import TrainerSettings, TrainSetupError, train_student
+from sad_ray.train.ray_train import TrainConfig, TrainSetupError, train_on_records
 from tests.test_records import make_record
 
 
@@ -26,11 +26,11 @@ def data(tmp_path_factory, starter_dir, starter_tokenizer):
     from sad_ray.models.student import build_student
     from sad_ray.models.tokenizers import tokenizer_fingerprint
     from sad_ray.records import write_shard
-    from sad_ray.rollout.engines import HFTeacherEngine
+    from sad_ray.rollout.engines import HFEngine
     from sad_ray.rollout.score import score_episodes
 
     root = tmp_path_factory.mktemp("train_ray")
-    engine = HFTeacherEngine(starter_dir)
+    engine = HFEngine(starter_dir)
     records = list(score_episodes(seed_episodes(16), starter_tokenizer, engine, fmt="react", top_k=20,
                                   fingerprint=tokenizer_fingerprint(starter_tokenizer)))
     engine.close()
@@ -65,7 +65,7 @@ def reference(data, tmp_path_factory):
     """The uninterrupted DDP run of SAME_RUN: its loss at every step and its trained student."""
     tmp = tmp_path_factory.mktemp("reference")
     uri, run_id = mlflow_run(tmp)
-    result = train_student(data / "records", data / "student-init", tmp / "out", TrainerSettings(**SAME_RUN),
+    result = train_on_records(data / "records", data / "student-init", tmp / "out", TrainConfig(**SAME_RUN),
                            LossConfig(), CurriculumConfig(ramp=0.5), run_name="reference", tracking_uri=uri,
                            mlflow_run_id=run_id)
     losses = loss_history(uri, run_id)
@@ -94,8 +94,8 @@ def assert_same_as_reference(reference, uri: str, run_id: str, student: Path, rt
 
 def test_sad_training_lowers_the_loss_and_saves_a_student(tmp_path, data):
     uri, run_id = mlflow_run(tmp_path)
-    settings = TrainerSettings(steps=10, batch_size=4, lr=1e-3, checkpoint_every=5, threads=2)
-    result = train_student(data / "records", data / "student-init", tmp_path / "out", settings,
+    settings = TrainConfig(steps=10, batch_size=4, lr=1e-3, checkpoint_every=5, threads=2)
+    result = train_on_records(data / "records", data / "student-init", tmp_path / "out", settings,
                            LossConfig(objective="sad"), CurriculumConfig(ramp=0.5),
                            tracking_uri=uri, mlflow_run_id=run_id)
     history = loss_history(uri, run_id)
@@ -114,7 +114,7 @@ def test_sad_training_lowers_the_loss_and_saves_a_student(tmp_path, data):
     assert model.config.num_hidden_layers == 2
     # A rerun of a finished run returns the saved result without training.
     start = time.perf_counter()
-    again = train_student(data / "records", data / "student-init", tmp_path / "out", settings,
+    again = train_on_records(data / "records", data / "student-init", tmp_path / "out", settings,
                           LossConfig(objective="sad"), CurriculumConfig(ramp=0.5))
     assert again == result and time.perf_counter() - start < 5
 
@@ -127,15 +127,15 @@ from ray._private.worker import global_worker
 from ray.util.state import list_actors
 from sad_ray.method.curriculum import CurriculumConfig
 from sad_ray.method.losses import LossConfig
-from sad_ray.train.ray_train import TrainerSettings, train_student
+from sad_ray.train.ray_train import TrainConfig, train_on_records
 
 records, student, out, uri, run_id = sys.argv[1:6]
-settings = TrainerSettings(**json.loads(sys.argv[6]), max_failures=2)
+settings = TrainConfig(**json.loads(sys.argv[6]), max_failures=2)
 result, errors = [], []
 
 def run():
     try:
-        result.append(train_student(Path(records), Path(student), Path(out), settings, LossConfig(),
+        result.append(train_on_records(Path(records), Path(student), Path(out), settings, LossConfig(),
                                     CurriculumConfig(ramp=0.5), run_name="killed", tracking_uri=uri,
                                     mlflow_run_id=run_id))
     except BaseException as exc:
@@ -206,9 +206,9 @@ def test_two_ddp_workers_train_on_disjoint_shards(tmp_path, data):
     from sad_ray.records import read_records
 
     # Gradient checkpointing under DDP: recomputation must not break gradient synchronisation.
-    settings = TrainerSettings(steps=4, batch_size=2, lr=1e-3, checkpoint_every=2, num_workers=2,
+    settings = TrainConfig(steps=4, batch_size=2, lr=1e-3, checkpoint_every=2, num_workers=2,
                                cpus_per_worker=0.5, threads=1, gradient_checkpointing=True)
-    result = train_student(data / "records", data / "student-init", tmp_path / "out", settings,
+    result = train_on_records(data / "records", data / "student-init", tmp_path / "out", settings,
                            LossConfig(objective="sad"), CurriculumConfig(ramp=0.5))
     assert result.steps == 4 and np.isfinite(result.loss)
     (ckpt,) = [p for p in (tmp_path / "out" / "ray_train").glob("train-*/checkpoint_2*")
@@ -224,11 +224,11 @@ def test_two_ddp_workers_train_on_disjoint_shards(tmp_path, data):
 
 def test_empty_or_missing_records_stop_before_training(tmp_path, data):
     (tmp_path / "empty").mkdir()
-    s = TrainerSettings(steps=1)
+    s = TrainConfig(steps=1)
     with pytest.raises(TrainSetupError, match="holds no record shards"):
-        train_student(tmp_path / "empty", data / "student-init", tmp_path / "out", s, LossConfig(), CurriculumConfig())
+        train_on_records(tmp_path / "empty", data / "student-init", tmp_path / "out", s, LossConfig(), CurriculumConfig())
     with pytest.raises(TrainSetupError, match="does not exist"):
-        train_student(tmp_path / "nope", data / "student-init", tmp_path / "out", s, LossConfig(), CurriculumConfig())
+        train_on_records(tmp_path / "nope", data / "student-init", tmp_path / "out", s, LossConfig(), CurriculumConfig())
 
 
 def test_an_invalid_record_is_named_before_training(tmp_path, data):
@@ -243,7 +243,7 @@ def test_an_invalid_record_is_named_before_training(tmp_path, data):
     (tmp_path / "bad").mkdir()
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp_path / "bad" / "part-00000.parquet")
     with pytest.raises(TrainSetupError, match=rf"record '{rows[3]['id']}'.*tail_logprob"):
-        train_student(tmp_path / "bad", data / "student-init", tmp_path / "out", TrainerSettings(steps=1),
+        train_on_records(tmp_path / "bad", data / "student-init", tmp_path / "out", TrainConfig(steps=1),
                       LossConfig(), CurriculumConfig())
     assert not (tmp_path / "out").exists()
 
@@ -251,12 +251,12 @@ def test_an_invalid_record_is_named_before_training(tmp_path, data):
 def test_a_missing_model_or_another_tokenizer_stops_before_training(tmp_path, data):
     from sad_ray.records import write_shard
 
-    s = TrainerSettings(steps=1)
+    s = TrainConfig(steps=1)
     with pytest.raises(TrainSetupError, match="not a Hugging Face directory"):
-        train_student(data / "records", tmp_path / "no-model", tmp_path / "out", s, LossConfig(), CurriculumConfig())
+        train_on_records(data / "records", tmp_path / "no-model", tmp_path / "out", s, LossConfig(), CurriculumConfig())
     write_shard([make_record(f"r{i}", seed=i) for i in range(4)], tmp_path / "other" / "part-00000.parquet")
     with pytest.raises(TrainSetupError, match="not the tokenizer the records were made with"):
-        train_student(tmp_path / "other", data / "student-init", tmp_path / "out", s, LossConfig(), CurriculumConfig())
+        train_on_records(tmp_path / "other", data / "student-init", tmp_path / "out", s, LossConfig(), CurriculumConfig())
 
 
 def test_records_of_another_teacher_are_refused_naming_the_file(tmp_path):
@@ -277,7 +277,7 @@ def test_records_of_another_teacher_are_refused_naming_the_file(tmp_path):
         scan_records(tmp_path / "r")
     # The trainer refuses them before it looks at the model or starts a worker.
     with pytest.raises(TrainSetupError, match="this run's teacher is mine@00"):
-        train_student(tmp_path / "r", tmp_path / "no-model", tmp_path / "out", TrainerSettings(steps=1),
+        train_on_records(tmp_path / "r", tmp_path / "no-model", tmp_path / "out", TrainConfig(steps=1),
                       LossConfig(), CurriculumConfig(), teacher="mine@00")
     assert not (tmp_path / "out").exists()
 
@@ -293,7 +293,7 @@ def test_the_run_identity_covers_teacher_start_weights_data_and_objective(tmp_pa
     student = tiny_model(tmp_path / "student-init")
 
     def identity(summary=summary, student=student, settings=None, loss=None):
-        return run_identity(summary, student, settings or TrainerSettings(), loss or LossConfig(), CurriculumConfig())
+        return run_identity(summary, student, settings or TrainConfig(), loss or LossConfig(), CurriculumConfig())
 
     base = identity()
     # The start model counts by content: the same weights in another folder are the same run ...
@@ -305,14 +305,14 @@ def test_the_run_identity_covers_teacher_start_weights_data_and_objective(tmp_pa
     assert identity(summary=dataclasses.replace(summary, teacher="t@2")) != base
     assert identity(summary=dataclasses.replace(summary, ids_digest="e")) != base
     assert identity(loss=LossConfig(objective="token_kd")) != base
-    assert identity(settings=TrainerSettings(seed=1)) != base
-    assert identity(settings=TrainerSettings(checkpoint_every=7)) == base  # how a run goes, not what it computes
+    assert identity(settings=TrainConfig(seed=1)) != base
+    assert identity(settings=TrainConfig(checkpoint_every=7)) == base  # how a run goes, not what it computes
 
 
 def test_a_batch_larger_than_the_data_is_refused(tmp_path, data):
     with pytest.raises(TrainSetupError, match="fewer than train.batch_size"):
-        train_student(data / "records", data / "student-init", tmp_path / "out",
-                      TrainerSettings(steps=1, batch_size=16, grad_accum=2), LossConfig(), CurriculumConfig())
+        train_on_records(data / "records", data / "student-init", tmp_path / "out",
+                      TrainConfig(steps=1, batch_size=16, grad_accum=2), LossConfig(), CurriculumConfig())
 
 
 def test_too_many_workers_for_the_cpus_is_refused(tmp_path, data):
@@ -320,8 +320,8 @@ def test_too_many_workers_for_the_cpus_is_refused(tmp_path, data):
 
     cpus = ray.cluster_resources().get("CPU", 2) if ray.is_initialized() else os.cpu_count()
     with pytest.raises(TrainSetupError, match="cpus_per_worker"):
-        train_student(data / "records", data / "student-init", tmp_path / "out",
-                      TrainerSettings(steps=1, batch_size=1, num_workers=2, cpus_per_worker=float(cpus)),
+        train_on_records(data / "records", data / "student-init", tmp_path / "out",
+                      TrainConfig(steps=1, batch_size=1, num_workers=2, cpus_per_worker=float(cpus)),
                       LossConfig(), CurriculumConfig())
 
 
@@ -331,11 +331,11 @@ import sys
 from pathlib import Path
 from sad_ray.method.curriculum import CurriculumConfig
 from sad_ray.method.losses import LossConfig
-from sad_ray.train.ray_train import TrainerSettings, train_student
+from sad_ray.train.ray_train import TrainConfig, train_on_records
 
 records, student, out, uri, run_id, strategy, same_run = sys.argv[1:8]
-settings = TrainerSettings(**json.loads(same_run), strategy=strategy)
-r = train_student(Path(records), Path(student), Path(out), settings, LossConfig(), CurriculumConfig(ramp=0.5),
+settings = TrainConfig(**json.loads(same_run), strategy=strategy)
+r = train_on_records(Path(records), Path(student), Path(out), settings, LossConfig(), CurriculumConfig(ramp=0.5),
                   run_name="crash", tracking_uri=uri, mlflow_run_id=run_id)
 print("STEPS", r.steps)
 print("STUDENT", r.student_dir)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from sad_ray.envs.base import Environment, Episode, Task
 from sad_ray.envs.react import context_window, system_prompt
-from sad_ray.rollout.engines import SamplingConfig, TeacherEngine
+from sad_ray.rollout.engines import Engine, SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class PlayConfig:
 
 
 def play(
-    engine: TeacherEngine,
+    engine: Engine,
     make_env: Callable[[str], Environment],
     tasks: Iterable[Task],
     cfg: PlayConfig = PlayConfig(),

@@ -1,4 +1,4 @@
-"""Teacher engines: what the rollout stage asks of a teacher, behind one small interface.
+"""Engines: what rollouts, evaluation and serving ask of a model (teacher or student), behind one small interface.
 
 `generate` writes the next assistant turn for a batch of chats; `score` returns, for every supervised position
 of given token sequences, the teacher's top-k ids and logprobs plus the tail mass (docs/design.md). vLLM is the
@@ -64,7 +64,10 @@ class EngineConfig:
     cpu_reserved: int = -1
 
 
-class TeacherEngine(Protocol):
+class Engine(Protocol):
+    """A model that plays (`generate`) and, as a teacher, scores (`score`); the rollout stage, evaluation of teacher
+    and students, and serving all drive it."""
+
     model_id: str
 
     def generate(self, chats: Sequence[Chat], sampling: SamplingConfig) -> list[str]:
@@ -78,12 +81,12 @@ class TeacherEngine(Protocol):
     def close(self) -> None: ...
 
 
-def make_engine(model_dir: str | Path, cfg: EngineConfig, precision: str = "auto") -> TeacherEngine:
+def make_engine(model_dir: str | Path, cfg: EngineConfig, precision: str = "auto") -> Engine:
     """The engine `cfg.kind` names, in `precision` (auto | bf16 | fp16 | fp32, resolved on this host)."""
     if cfg.kind == "vllm":
-        return VLLMTeacherEngine(model_dir, cfg, precision)
+        return VLLMEngine(model_dir, cfg, precision)
     if cfg.kind == "hf":
-        return HFTeacherEngine(model_dir, precision=precision, trust_remote_code=cfg.trust_remote_code)
+        return HFEngine(model_dir, precision=precision, trust_remote_code=cfg.trust_remote_code)
     raise ValueError(f"engine kind must be 'vllm' or 'hf', got {cfg.kind!r}")
 
 
@@ -120,7 +123,7 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class HFTeacherEngine:
+class HFEngine:
     """Plain transformers: the fallback engine (`precision="fp32"` is exact on CPU)."""
 
     def __init__(self, model_dir: str | Path, precision: str = "auto", trust_remote_code: bool = False) -> None:
@@ -163,7 +166,7 @@ class HFTeacherEngine:
         pass
 
 
-class VLLMTeacherEngine:
+class VLLMEngine:
     """The vLLM engine. Handles the CPU build's traps itself (STACK.md): KV cache size, cache dirs."""
 
     def __init__(self, model_dir: str | Path, cfg: EngineConfig = EngineConfig(), precision: str = "auto") -> None:

@@ -74,7 +74,10 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
-class SegmentSettings:
+class RecordRecipe:
+    """How a played episode becomes records: segmentation format and rules (config `segment.*`), the teacher's top-k
+    (`records.top_k`) and the longest record kept (`data.max_tokens`)."""
+
     fmt: str = "react"
     on_unparsed: str = "reason"
     drop_with_issues: bool = False
@@ -85,7 +88,7 @@ class SegmentSettings:
 class RolloutActor:
     """Holds one teacher engine; each call plays a batch of tasks and returns their record rows."""
 
-    def __init__(self, teacher_dir: str, cfg: RolloutConfig, seg: SegmentSettings, env_kwargs: dict[str, dict],
+    def __init__(self, teacher_dir: str, cfg: RolloutConfig, seg: RecordRecipe, env_kwargs: dict[str, dict],
                  precision: str = "auto"):
         from transformers import AutoTokenizer
 
@@ -197,7 +200,7 @@ def run_rollouts(
     teacher_dir: str | Path,
     out_dir: str | Path,
     cfg: RolloutConfig,
-    seg: SegmentSettings = SegmentSettings(),
+    seg: RecordRecipe = RecordRecipe(),
     env_kwargs: dict[str, dict] | None = None,
     records_per_shard: int = 256,
     tasks: Sequence[Task] | None = None,

@@ -16,7 +16,7 @@ from sad_ray.method.curriculum import bucket_entropy
 from sad_ray.method.masks import MaskResult, build_masks
 from sad_ray.models.identity import teacher_id
 from sad_ray.records import TrajectoryRecord, window_id
-from sad_ray.rollout.engines import TeacherEngine
+from sad_ray.rollout.engines import Engine
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class ScoreReport:
 def score_episodes(
     episodes: Iterable[Episode],
     tokenizer,
-    engine: TeacherEngine,
+    engine: Engine,
     *,
     fmt: str,
     top_k: int,
@@ -83,7 +83,7 @@ def score_episodes(
     yield from _scored(pending, engine, top_k, fingerprint, report, teacher)
 
 
-def engine_teacher_id(engine: TeacherEngine) -> str:
+def engine_teacher_id(engine: Engine) -> str:
     """The id records carry for the engine's model: `teacher_id` of its folder (name and weights fingerprint);
     an engine that is not a model folder (the demonstrations) keeps its own `model_id`."""
     path = Path(engine.model_id)
@@ -91,7 +91,7 @@ def engine_teacher_id(engine: TeacherEngine) -> str:
 
 
 def _scored(
-    pending: list[tuple[Episode, MaskResult]], engine: TeacherEngine, top_k: int, fingerprint: str,
+    pending: list[tuple[Episode, MaskResult]], engine: Engine, top_k: int, fingerprint: str,
     report: ScoreReport, teacher: str,
 ) -> Iterator[TrajectoryRecord]:
     """One engine call scores the whole batch (vLLM batches the prefills)."""

@@ -1,4 +1,5 @@
-"""Student training on Ray Train: records through Ray Data, the SAD loss, the curriculum, checkpoints, MLflow.
+"""Training on trajectory records with Ray Train: records through Ray Data, the SAD loss, the curriculum,
+checkpoints, MLflow. It trains students, and the bootstrapped teacher on demonstration records.
 
 The driver checks everything that can be checked before a worker starts (records, model, tokenizer, resources),
 then runs a `TorchTrainer`. Each worker reads its own shard of the records (`get_dataset_shard`), validates every
@@ -41,7 +42,7 @@ class TrainSetupError(ValueError):
 
 
 @dataclass(frozen=True)
-class TrainerSettings:
+class TrainConfig:
     """How to train, apart from the loss and the curriculum (`train.*` in the config)."""
 
     steps: int = 30
@@ -177,7 +178,7 @@ def normalised_complexity(rl, al, te, bounds, weights) -> np.ndarray:
     return (w[:, None] * norm).sum(axis=0) / w.sum()
 
 
-def lr_factor(step: int, settings: TrainerSettings) -> float:
+def lr_factor(step: int, settings: TrainConfig) -> float:
     if settings.warmup_steps and step < settings.warmup_steps:
         return (step + 1) / settings.warmup_steps
     if settings.schedule == "cosine":
@@ -267,7 +268,7 @@ def _setup_worker(config: dict[str, Any], rank: int, world: int) -> _Worker:
     from sad_ray.precision import log_choice
     from sad_ray.train.step import SupervisedHead
 
-    s: TrainerSettings = config["settings"]
+    s: TrainConfig = config["settings"]
     cur: CurriculumConfig = config["curriculum"]
     torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed + rank)
@@ -325,7 +326,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from sad_ray.precision import host_summary
     from sad_ray.train.step import curriculum_step, peak_memory_gb
 
-    s: TrainerSettings = config["settings"]
+    s: TrainConfig = config["settings"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     w = _setup_worker(config, rank, world)
@@ -488,11 +489,11 @@ NOT_IN_RESULT = ("max_failures", "keep_checkpoints", "log_every", "checkpoint_ev
                  "gradient_checkpointing")
 
 
-def result_settings(settings: TrainerSettings) -> dict[str, Any]:
+def result_settings(settings: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(settings).items() if k not in NOT_IN_RESULT}
 
 
-def run_identity(summary: DataSummary, student_dir, settings: TrainerSettings, loss_cfg, curriculum_cfg,
+def run_identity(summary: DataSummary, student_dir, settings: TrainConfig, loss_cfg, curriculum_cfg,
                  precision: str = "auto") -> str:
     """What makes two trainings the same run: the teacher (id, from the records), the start model (by content:
     config, tokenizer and weights, wherever it lies), the data (record ids), and every setting that changes the
@@ -515,7 +516,7 @@ def _deterministic_shards():
     return ray.train.DataConfig(execution_options=options, enable_shard_locality=False)
 
 
-def _check_resources(s: TrainerSettings) -> None:
+def _check_resources(s: TrainConfig) -> None:
     import ray
 
     cpus = ray.cluster_resources().get("CPU", 0)
@@ -531,11 +532,11 @@ def _check_resources(s: TrainerSettings) -> None:
                               f"{ray.cluster_resources().get('GPU', 0):g} GPUs")
 
 
-def train_student(
+def train_on_records(
     records_dir: str | Path,
     student_dir: str | Path,
     out_dir: str | Path,
-    settings: TrainerSettings,
+    settings: TrainConfig,
     loss_cfg: LossConfig,
     curriculum_cfg: CurriculumConfig,
     *,
@@ -547,8 +548,9 @@ def train_student(
     final_dir: str | Path | None = None,
     precision: str = "auto",
 ) -> TrainResult:
-    """Train the student at `student_dir` on the records; the trained model lands in `final_dir` (default
-    `out_dir/student`), checkpoints in `out_dir/ray_train/<run_name>-<run identity>`.
+    """Train the model at `student_dir` on the records (a student on a teacher's records, or the bootstrapped teacher
+    on one-hot demonstration records); the trained model lands in `final_dir` (default `out_dir/student`),
+    checkpoints in `out_dir/ray_train/<run_name>-<run identity>`.
 
     `teacher` is the teacher id the records must carry (records of another teacher are refused, naming the file).
     A run is identified by its teacher, start model (weights), data (record ids) and settings (`run_identity`):

@@ -175,7 +175,7 @@ def stage_records(cfg: Config, folders: TeacherFolders) -> ScoreReport:
     from transformers import AutoTokenizer
 
     from sad_ray.models.tokenizers import tokenizer_fingerprint
-    from sad_ray.rollout.engines import HFTeacherEngine
+    from sad_ray.rollout.engines import HFEngine
 
     check_teacher(folders.records, folders.teacher_id)
     teacher, records_dir = folders.teacher, folders.records
@@ -186,7 +186,7 @@ def stage_records(cfg: Config, folders: TeacherFolders) -> ScoreReport:
         log.info("records: %d episodes to score, %d already done", len(todo), len(done))
         if todo:
             tokenizer = AutoTokenizer.from_pretrained(teacher, trust_remote_code=cfg.models.trust_remote_code)
-            engine = HFTeacherEngine(teacher, precision=cfg.precision, trust_remote_code=cfg.models.trust_remote_code)
+            engine = HFEngine(teacher, precision=cfg.precision, trust_remote_code=cfg.models.trust_remote_code)
             with ShardWriter(records_dir, cfg.records.records_per_shard) as writer:
                 for record in score_episodes(
                     todo, tokenizer, engine, fmt=cfg.segment.format, top_k=cfg.records.top_k,
@@ -211,11 +211,11 @@ def stage_rollouts(cfg: Config, folders: TeacherFolders) -> ScoreReport:
     """The teacher plays the environments on Ray Data; records are streamed into shards."""
     import mlflow
 
-    from sad_ray.rollout.pipeline import SegmentSettings, run_rollouts
+    from sad_ray.rollout.pipeline import RecordRecipe, run_rollouts
 
     check_teacher(folders.records, folders.teacher_id)
     teacher, records_dir = folders.teacher, folders.records
-    seg = SegmentSettings(fmt=cfg.segment.format, on_unparsed=cfg.segment.on_unparsed,
+    seg = RecordRecipe(fmt=cfg.segment.format, on_unparsed=cfg.segment.on_unparsed,
                           drop_with_issues=cfg.segment.drop_trajectories_with_issues, top_k=cfg.records.top_k,
                           max_tokens=cfg.data.max_tokens)
     with tracking.stage_run("rollout", {f"rollout.{k}": v for k, v in to_flat_dict(cfg.rollout).items()}):
@@ -242,7 +242,7 @@ def stage_train(cfg: Config, folders: TeacherFolders, student_init: Path) -> dic
 
     import mlflow
 
-    from sad_ray.train.ray_train import train_student
+    from sad_ray.train.ray_train import train_on_records
 
     name = training_run_name(cfg)
     final = folders.student(name)
@@ -255,7 +255,7 @@ def stage_train(cfg: Config, folders: TeacherFolders, student_init: Path) -> dic
         if folders.records.exists() and not sample.exists():
             write_jsonl([r.to_row() for r in itertools.islice(iter_records(folders.records), 3)], sample)
             mlflow.log_artifact(str(sample))
-        result = train_student(
+        result = train_on_records(
             folders.records, student_init, folders.root, cfg.train, cfg.loss, cfg.curriculum, run_name=name,
             tracking_uri=cfg.tracking.tracking_uri, mlflow_run_id=run.info.run_id,
             trust_remote_code=cfg.models.trust_remote_code, precision=cfg.precision,
