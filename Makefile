@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) bench/envs.py
 	$(PY) bench/rollout.py
 	$(PY) bench/train.py
+	$(PY) bench/precision.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sad_ray jobs tests bench
