@@ -216,8 +216,8 @@ def stage_rollouts(cfg: Config, folders: TeacherFolders) -> ScoreReport:
     check_teacher(folders.records, folders.teacher_id)
     teacher, records_dir = folders.teacher, folders.records
     seg = RecordRecipe(fmt=cfg.segment.format, on_unparsed=cfg.segment.on_unparsed,
-                          drop_with_issues=cfg.segment.drop_trajectories_with_issues, top_k=cfg.records.top_k,
-                          max_tokens=cfg.data.max_tokens)
+                       drop_with_issues=cfg.segment.drop_trajectories_with_issues, top_k=cfg.records.top_k,
+                       max_tokens=cfg.data.max_tokens)
     with tracking.stage_run("rollout", {f"rollout.{k}": v for k, v in to_flat_dict(cfg.rollout).items()}):
         result = run_rollouts(teacher, records_dir, cfg.rollout, seg, env_kwargs(cfg), cfg.records.records_per_shard,
                               precision=cfg.precision)

@@ -386,3 +386,37 @@ def test_a_crashed_job_resumes_when_rerun(tmp_path, data, strategy, reference):
     assert_same_as_reference(reference, uri, run_id, student, *tol)
     # If the kill caught a rank staging a checkpoint, the resumed run reused and removed that folder: no new one.
     assert set(Path(tempfile.gettempdir()).glob("sad-ray-ckpt-*")) <= staged_before
+
+
+def test_a_checkpoint_is_restored_only_onto_the_records_its_curriculum_was_built_on(tmp_path):
+    """The guard the old restore defeated (it compared the sampler's order with itself): a worker whose shard holds
+    other records, or the same records in another curriculum order, is refused, naming the checkpoint."""
+    import torch
+
+    from sad_ray.method.curriculum import CurriculumSampler
+    from sad_ray.train.ray_train import _restore, _save, _Worker
+
+    def worker(ids, complexity):
+        module = torch.nn.Linear(2, 2)
+        opt = torch.optim.AdamW(module.parameters())
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        sampler = CurriculumSampler(np.asarray(complexity, dtype=float), CurriculumConfig(c0=1.0, ramp=0.0), 2, 10)
+        return _Worker(records=[], ids=ids, sampler=sampler, tokenizer=None, pad_id=0, module=module, model=module,
+                       optimizer=opt, scheduler=sched, scaler=None, engine=None, precision="fp32",
+                       device=torch.device("cpu"), load_seconds=0.0)
+
+    saved = worker(["a", "b", "c", "d"], [0.1, 0.2, 0.3, 0.4])
+    saved.sampler.next_batch()
+    saved.sampler.update(np.array([0, 1]), np.array([1.0, 2.0]))
+    _save(tmp_path, 1, saved, 0, {"loss": 1.0})
+
+    same = worker(["a", "b", "c", "d"], [0.1, 0.2, 0.3, 0.4])
+    assert _restore(tmp_path, same, 0) == 1
+    assert same.sampler.step == 1
+    np.testing.assert_array_equal(same.sampler.running_loss, saved.sampler.running_loss)
+    with pytest.raises(TrainSetupError, match=rf"checkpoint {tmp_path} was made on other data"):
+        _restore(tmp_path, worker(["a", "b", "c", "e"], [0.1, 0.2, 0.3, 0.4]), 0)
+    with pytest.raises(ValueError, match="built on different data"):  # same records, scored in another order
+        _restore(tmp_path, worker(["a", "b", "c", "d"], [0.4, 0.3, 0.2, 0.1]), 0)
+    with pytest.raises(TrainSetupError, match="no state for worker 1"):
+        _restore(tmp_path, same, 1)
