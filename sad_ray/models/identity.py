@@ -64,7 +64,7 @@ def model_fingerprint(model_dir: str | Path) -> str:
         if isinstance(entry, list) and len(entry) == 3 and entry[:2] == [st.st_size, st.st_mtime_ns]:
             sha = entry[2]
         else:
-            sha = _sha256(path)
+            sha = sha256_file(path)
         if st.st_mtime_ns < settled_before:
             fresh[path.name] = [st.st_size, st.st_mtime_ns, sha]
         digest.update(f"{path.name}\0{sha}\n".encode())
@@ -79,7 +79,7 @@ def teacher_id(model_dir: str | Path) -> str:
     return f"{model_dir.name}@{model_fingerprint(model_dir)[:16]}"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):

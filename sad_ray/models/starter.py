@@ -25,6 +25,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from sad_ray.atomic import replace_dir
+from sad_ray.models.identity import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +121,6 @@ def verify_manifest(model_dir: Path) -> str | None:
         if sha256_file(path) != expected["sha256"]:
             return f"{name} has changed (sha256 differs)"
     return None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @contextmanager
