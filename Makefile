@@ -33,4 +33,4 @@ bench: $(STAMP)
 	$(PY) bench/precision.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check sad_ray jobs tests bench
+	$(VENV)/bin/ruff check sad_ray serve jobs tests bench

