@@ -88,8 +88,16 @@ def _download_registered(uri: str, cache: Path, tracking_uri: str) -> Path:
     # A fresh download each start: an alias may have moved since the last one.
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
     try:
-        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp), tracking_uri=tracking_uri,
-                                                       registry_uri=tracking_uri))
+        # Resolve the version through a client bound to this store: `download_artifacts` on a models:/ URI consults
+        # the process's global registry URI, which another caller may have pointed elsewhere.
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        name, _, version = uri.removeprefix("models:/").partition("/")
+        if "@" in name:
+            name, _, alias = name.partition("@")
+            version = client.get_model_version_by_alias(name, alias).version
+        source = client.get_model_version_download_uri(name, version)
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp),
+                                                       tracking_uri=tracking_uri))
         if not (got / "config.json").is_file():  # a version logged as a folder inside the artifact path
             inner = [p.parent for p in got.rglob("config.json")]
             if len(inner) != 1:

@@ -121,13 +121,17 @@ def test_a_registered_model_is_served_from_the_registry(starter_dir, tmp_path, m
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # an earlier test may have left the registry pointing at its own store
     try:
-        with mlflow.start_run():
+        # An explicit experiment of this store: an earlier test's active experiment belongs to another one.
+        experiment = mlflow.MlflowClient(uri).create_experiment("served-registry")
+        with mlflow.start_run(experiment_id=experiment):
             version = register_model(starter_dir, "served-student")
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
     got = resolve_source(f"models:/served-student/{version}", str(tmp_path / "cache"), uri)
     assert (got / "config.json").read_bytes() == (starter_dir / "config.json").read_bytes()
     assert (got / "model.safetensors").stat().st_size == (starter_dir / "model.safetensors").stat().st_size
