@@ -18,10 +18,16 @@ def main(run: Callable[[Config], dict[str, Any]], description: str, argv: Sequen
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=10")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request of an evaluation otherwise
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(run(cfg), indent=2, default=str))
+    result = run(cfg)
+    print(json.dumps(result, indent=2, default=str))
+    evaluation = result.get("eval")
+    if evaluation:  # the evaluation's table, readable (the JSON above holds its numbers too)
+        print(f"\nEvaluation through the Serve app ({evaluation['dir']}/table.md has every task type):\n")
+        print(evaluation["summary"])
     return 0

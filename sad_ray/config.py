@@ -15,6 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from sad_ray.eval.evaluate import EvalConfig
 from sad_ray.method.curriculum import CurriculumConfig
 from sad_ray.method.losses import LossConfig
 from sad_ray.rollout.engines import EngineConfig
@@ -151,6 +152,7 @@ class Config:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 

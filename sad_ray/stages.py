@@ -23,6 +23,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sad_ray import tracking
 from sad_ray.config import Config, resolve_auto, to_flat_dict
@@ -37,6 +38,9 @@ from sad_ray.records import (
     write_jsonl,
 )
 from sad_ray.rollout.score import ScoreReport, score_episodes
+
+if TYPE_CHECKING:
+    from sad_ray.eval.job import ServeModels
 
 log = logging.getLogger(__name__)
 
@@ -295,8 +299,10 @@ def run_train_job(cfg: Config) -> dict:
                 "student": summary["student_dir"], "train": summary}
 
 
-def run_distill(cfg: Config) -> dict:
-    """The main job on whatever stages exist; returns a summary for the caller to print."""
+def run_distill(cfg: Config, serve_models: ServeModels | None = None) -> dict:
+    """The main job: records, the student trained on them, then (with `eval.enabled` and a `serve_models` to
+    serve them, as jobs/distill.py hands in) the teacher and the student evaluated through HTTP. Returns a summary
+    for the caller to print."""
     import torch
 
     torch.set_num_threads(cfg.train.threads)
@@ -309,6 +315,12 @@ def run_distill(cfg: Config) -> dict:
         student_init, _ = stage_models(cfg, folders)
         report = stage_records(cfg, folders)
         summary = stage_train(cfg, folders, student_init)
+        evaluation = None
+        if cfg.eval.enabled and serve_models is not None:
+            from sad_ray.eval.job import Agent, evaluation_stage
+
+            student = Agent(f"student-{training_run_name(cfg)}", summary["student_dir"])
+            evaluation = evaluation_stage(cfg, folders.teacher, [student], folders.root / "eval", serve_models)
         return {
             "mlflow_run_id": run.info.run_id,
             "teacher": str(folders.teacher),
@@ -319,6 +331,7 @@ def run_distill(cfg: Config) -> dict:
             "records_written_now": report.kept,
             "dropped": dict(report.dropped),
             "train": summary,
+            **({"eval": evaluation} if evaluation is not None else {}),
         }
 
 

@@ -142,7 +142,7 @@ class ModelDeployment:
     async def card(self) -> dict[str, Any]:
         return {"id": self.spec.name, "object": "model", "created": int(self.started), "owned_by": "sad-ray",
                 "root": self.spec.source, "engine": self.engine.kind, "precision": self.engine.precision,
-                "max_model_len": self.spec.max_model_len}
+                "max_model_len": self.spec.max_model_len, "parameters": self.engine.parameters}
 
     async def health(self) -> dict[str, str]:
         try:

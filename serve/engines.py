@@ -51,6 +51,7 @@ class AsyncEngine(Protocol):
     tokenizer: object
     precision: str
     kind: str
+    parameters: int  # stored in its safetensors (set by make_engine)
 
     def generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str) -> AsyncIterator[Chunk]: ...
 
@@ -113,10 +114,13 @@ def _download_registered(uri: str, cache: Path, tracking_uri: str) -> Path:
 
 
 def make_engine(spec: ModelSpec, precision: str, cache_dir: str, tracking_uri: str) -> AsyncEngine:
+    from sad_ray.models.identity import parameter_count
+
     path = resolve_source(spec.source, cache_dir, tracking_uri)
-    if spec.engine == "vllm":
-        return VLLMAsyncEngine(path, spec, precision)
-    return HFAsyncEngine(path, spec, precision)
+    engine: AsyncEngine = VLLMAsyncEngine(path, spec, precision) if spec.engine == "vllm" else \
+        HFAsyncEngine(path, spec, precision)
+    engine.parameters = parameter_count(path)
+    return engine
 
 
 def _device() -> str:

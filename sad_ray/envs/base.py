@@ -60,6 +60,11 @@ class Episode:
     success: bool = True
     reward: float = 1.0
     steps: int = 0
+    # Where an agent played it (evaluation): each step's wall-clock seconds and generated tokens, and the final
+    # step's numeric scores (HotPotQA's em and f1, WebShop's reward parts).
+    step_seconds: tuple[float, ...] = ()
+    step_tokens: tuple[int, ...] = ()
+    scores: dict[str, float] = field(default_factory=dict)
 
 
 class Environment(ABC):

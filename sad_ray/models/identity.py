@@ -110,3 +110,23 @@ def _write_sidecar(model_dir: Path, files: dict[str, list]) -> None:
         os.replace(tmp, model_dir / SIDECAR)
     except OSError:
         Path(tmp).unlink(missing_ok=True)
+
+
+def parameter_count(model_dir: str | Path) -> int:
+    """Parameters stored in the model's *.safetensors files, read from their headers (no weights loaded).
+    Tied weights are stored once, so they count once."""
+    import json
+    import struct
+
+    total = 0
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in entry["shape"]:
+                    count *= dim
+                total += count
+    return total

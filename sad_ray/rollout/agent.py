@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from sad_ray.envs.base import Environment, Episode, Task
 from sad_ray.envs.react import context_window, system_prompt
-from sad_ray.rollout.engines import Engine, SamplingConfig
+from sad_ray.rollout.engines import Engine, SamplingConfig, generate_timed
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,18 @@ def generated_tokens(tokenizer, episode: Episode) -> int:
                for t in episode.turns if t["role"] == "assistant")
 
 
+def _scores(info: dict) -> dict[str, float]:
+    """The final step's numeric scores (HotPotQA's em and f1, WebShop's reward parts), not its bookkeeping."""
+    out: dict[str, float] = {}
+    for key, value in info.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": float(v) for k, v in value.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+            out[key] = float(value)
+    return out
+
+
 @dataclass
 class _Live:
     task: Task
@@ -39,6 +51,8 @@ class _Live:
     turns: list[dict[str, str]]
     steps: int = 0
     invalid: int = 0
+    seconds: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -89,10 +103,14 @@ def play(
                                               {"role": "user", "content": observation}]))
             if not live:
                 break
-            texts = engine.generate([context_window(ep.turns, cfg.context_chars) for ep in live], cfg.sampling)
+            turns = generate_timed(engine, [context_window(ep.turns, cfg.context_chars) for ep in live],
+                                   cfg.sampling)
             stats.generate_calls += 1
             still: list[_Live] = []
-            for ep, text in zip(live, texts, strict=True):
+            for ep, turn in zip(live, turns, strict=True):
+                text = turn.text
+                ep.seconds.append(turn.seconds)
+                ep.tokens.append(turn.completion_tokens)
                 action = parse_action(text)
                 if action is None:
                     stats.turns_without_action += 1
@@ -107,7 +125,9 @@ def play(
                     stats.won += won
                     idle.setdefault(ep.env.name, []).append(ep.env)
                     yield Episode(id=ep.task.id, env=ep.task.env, task_type=ep.task.task_type, split=ep.task.split,
-                                  turns=tuple(ep.turns), success=won, reward=float(result.reward), steps=ep.steps)
+                                  turns=tuple(ep.turns), success=won, reward=float(result.reward), steps=ep.steps,
+                                  step_seconds=tuple(ep.seconds), step_tokens=tuple(ep.tokens),
+                                  scores=_scores(result.info))
                 else:
                     ep.turns.append({"role": "user", "content": result.observation})
                     still.append(ep)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,17 @@ class EngineConfig:
     cpu_reserved: int = -1
 
 
+@dataclass(frozen=True)
+class Generation:
+    """One generated turn with what it cost: wall-clock seconds (for a batch run in process, the batch's) and
+    token counts."""
+
+    text: str
+    seconds: float
+    completion_tokens: int
+    prompt_tokens: int = 0
+
+
 class Engine(Protocol):
     """A model that plays (`generate`) and, as a teacher, scores (`score`); the rollout stage, evaluation of teacher
     and students, and serving all drive it."""
@@ -79,6 +91,20 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def generate_timed(engine: Engine, chats: Sequence[Chat], sampling: SamplingConfig) -> list[Generation]:
+    """`engine.generate` with each turn's seconds and generated tokens. An engine that times its requests one by one
+    (the HTTP client) reports its own; in process, every turn of a batch took the batch's wall time."""
+    own = getattr(engine, "generate_timed", None)
+    if own is not None:
+        return own(chats, sampling)
+    start = time.perf_counter()
+    texts = engine.generate(chats, sampling)
+    seconds = time.perf_counter() - start
+    tokenizer = getattr(engine, "tokenizer", None)
+    return [Generation(t, seconds, len(tokenizer(t, add_special_tokens=False)["input_ids"]) if tokenizer else 0)
+            for t in texts]
 
 
 def make_engine(model_dir: str | Path, cfg: EngineConfig, precision: str = "auto") -> Engine:
