@@ -28,8 +28,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @contextlib.contextmanager
-def serving(args: AppArgs, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """The app running for the block; yields its base URL (`http://host:port`)."""
+def serving(args: AppArgs, host: str = "127.0.0.1", port: int = 0, access_log: bool = False) -> Iterator[str]:
+    """The app running for the block; yields its base URL (`http://host:port`). Serve's line per request is off
+    unless `access_log` (an evaluation sends thousands; its own files keep every episode)."""
     import ray
     from ray import serve
 
@@ -41,7 +42,8 @@ def serving(args: AppArgs, host: str = "127.0.0.1", port: int = 0) -> Iterator[s
     port = port or free_port(host)
     serve.start(http_options={"host": host, "port": port})
     try:
-        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/",
+                  logging_config={"enable_access_log": access_log})
         url = f"http://{host}:{port}"
         log.info("serving %s on %s", ", ".join(m.name for m in args.models), url)
         yield url

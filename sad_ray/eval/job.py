@@ -185,6 +185,8 @@ def write_report(cfg: Config, runs: Sequence[AgentRun], out_dir: Path, tokenizer
                          "step_seconds_p95": r.step_seconds_p95, "parameters": r.parameters,
                          "cot_match": r.cot_match.value, "action_agreement": r.action_agreement.value}
                for r in table if r.env == report.ALL}
+    # JSON has no NaN: a number that could not be measured (no forced step had an action) is null.
+    overall = {a: {k: None if v != v else v for k, v in m.items()} for a, m in overall.items()}
     return {"dir": str(out_dir), "agents": overall, "summary": files["summary.md"]}
 
 
