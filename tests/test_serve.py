@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -15,6 +16,8 @@ import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from sad_ray.envs.react import context_window, system_prompt
 from sad_ray.envs.seed import seed_episode
@@ -284,6 +287,56 @@ def test_agent_step_is_the_rollout_turn_with_the_segmenters_spans(served, starte
     assert text == local
 
 
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def _scrape() -> dict[str, Metric]:
+    """The node's Prometheus metric families by name, from the metrics agent Ray runs beside each raylet."""
+    import ray
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    text = httpx.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", timeout=30).text
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def _count(families: dict[str, Metric], name: str, labels: dict[str, str]) -> float:
+    """How many observations a histogram holds over the series whose labels include `labels`."""
+    family = families.get(name)
+    return sum(s.value for s in family.samples if s.name == name + "_count"
+               and all(s.labels.get(k) == v for k, v in labels.items())) if family else 0.0
+
+
+def test_latency_time_to_first_token_and_tokens_per_s_are_exported(served):
+    # Serve's own latency histograms (at the HTTP proxy and in the model's replica) and our custom ones, which Ray
+    # exports under its `ray_` prefix, tagged with the deployment and replica as well as our `model`.
+    route = {"route": "/v1/chat/completions"}
+    wanted = {
+        "ray_serve_http_request_latency_ms": {"application": APP_NAME, **route, "status_code": "200"},
+        "ray_serve_deployment_processing_latency_ms": {"deployment": deployment_name(served.args.models[0], 0),
+                                                       **route},
+        "ray_sad_ray_time_to_first_token_s": {"model": "teacher"},
+        "ray_sad_ray_generation_tokens_per_s": {"model": "teacher"},
+    }
+    families = _scrape()
+    before = {name: _count(families, name, labels) for name, labels in wanted.items()}
+    for stream in (False, True):
+        assert chat(served, max_tokens=8, temperature=0, stream=stream).status_code == 200
+    deadline = time.monotonic() + 60  # metrics are exported periodically
+    while True:
+        families = _scrape()
+        grown = {name: _count(families, name, labels) - before[name] for name, labels in wanted.items()}
+        if all(n >= 2 for n in grown.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert all(n >= 2 for n in grown.values()), grown
+    assert all(families[name].type == "histogram" for name in wanted)
+    ttft = [s for s in families["ray_sad_ray_time_to_first_token_s"].samples
+            if s.name.endswith("_bucket") and s.labels.get("model") == "teacher"]
+    assert {float(s.labels["le"]) for s in ttft} >= {0.1, 1, float("inf")}  # our boundaries
+    assert any(s.name == "ray_sad_ray_generated_tokens_total" and s.labels.get("model") == "teacher" and s.value > 0
+               for s in families["ray_sad_ray_generated_tokens"].samples)
+
+
 # ------------------------------------------------------------------------------------------------ hostile input
 
 VALID = {"model": "teacher", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -446,6 +499,99 @@ def test_after_hostile_requests_the_same_replicas_still_answer(served):
     after = served.replicas()
     for name in before:
         assert (after[name]["pid"], after[name]["actor_id"]) == (before[name]["pid"], before[name]["actor_id"]), name
+
+
+# ------------------------------------------------------------------------------------------------ faults
+
+
+def _unavailable(error: dict) -> bool:  # the ingress's answer when the model's replica is gone
+    return (error["type"], error["param"], error["code"]) == ("server_error", "model", "model_unavailable")
+
+
+def _outcome(status: int, body: str, streamed: bool) -> str:
+    """What one request got: `answered` (a whole valid completion), `refused ...` (the model is unavailable,
+    said cleanly) or, a failure, `bad ...` with what came back instead."""
+    if status == 503 and _unavailable(json.loads(body)["error"]):
+        return "refused with 503"
+    if status == 200 and not streamed:
+        out = json.loads(body)
+        if out["choices"][0]["message"]["content"] and out["usage"]["completion_tokens"] >= 1:
+            return "answered"
+    elif status == 200:
+        events = [e.removeprefix("data: ") for e in body.split("\n\n") if e.startswith("data: ")]
+        if events[-1] == "[DONE]" and "".join(json.loads(e)["choices"][0]["delta"].get("content", "")
+                                              for e in events[:-1] if json.loads(e)["choices"]):
+            return "answered"
+        if "error" in (last := json.loads(events[-1])) and _unavailable(last["error"]):
+            return "refused mid-stream"  # a stream cut short ends with an error event, not a hang or a silent close
+    return f"bad: {status} {body[-300:]!r}"
+
+
+def test_a_replica_killed_under_load_is_replaced_and_every_request_is_answered_or_refused(served):
+    before = served.replicas()
+    victim = before["teacher"]
+    assert _engine_cores(victim["engine_pids"])
+    generating = threading.Event()
+    outcomes: dict[int, str] = {}
+
+    def one(i: int, streamed: bool) -> None:
+        body = {"model": "teacher", "messages": [{"role": "user", "content": f"Count from {i} to {i + 40}."}],
+                "max_tokens": 48, "temperature": 0, "stream": streamed}
+        try:
+            with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=300) as c:
+                with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                    text = ""
+                    for chunk in r.iter_text():
+                        text += chunk
+                        if streamed and '"content": "' in text.partition("\n\n")[2]:
+                            generating.set()  # tokens are coming: the replica is mid-generation
+                outcomes[i] = _outcome(r.status_code, text, streamed)
+        except Exception as exc:  # a reset connection, a timeout, a body that is not what it should be
+            outcomes[i] = f"bad: {type(exc).__name__}: {exc}"
+
+    # 24 requests (a quarter of them streamed) in flight when the replica's process is killed, 8 more while it is
+    # dead and being replaced.
+    load = [threading.Thread(target=one, args=(i, i % 4 == 0)) for i in range(24)]
+    for t in load:
+        t.start()
+    assert generating.wait(60), "no stream started generating"
+    done_before_kill = len(outcomes)
+    os.kill(victim["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    late = [threading.Thread(target=one, args=(i, i % 4 == 0)) for i in range(24, 32)]
+    for t in late:
+        t.start()
+    for t in load + late:
+        t.join(timeout=max(1.0, killed + 300 - time.monotonic()))
+    assert not [t for t in load + late if t.is_alive()], "requests hung"
+    counts = {o: sum(v == o for v in outcomes.values()) for o in sorted(set(outcomes.values()))}
+    print(f"\nreplica killed under load: {counts} of {len(outcomes)} ({done_before_kill} done before the kill, the "
+          f"last response {time.monotonic() - killed:.1f} s after it)")
+    assert [o for o in outcomes.values() if o.startswith("bad")] == []
+    answered, refused = counts.get("answered", 0), len(outcomes) - counts.get("answered", 0)
+    assert answered + refused == len(outcomes) == 32
+    assert counts.get("refused mid-stream", 0) >= 1  # the stream that was generating when the replica died
+
+    # Serve replaces the replica (another process, another replica id), and the model answers again; the ingress
+    # carried on; the dead replica's vLLM engine process does not outlive it.
+    deadline, after = time.monotonic() + 180, None
+    while time.monotonic() < deadline:
+        try:
+            after = served.handle(0).info.remote().result(timeout_s=10)
+            if after["pid"] != victim["pid"]:
+                break
+        except Exception:  # the replica is dead and its replacement not up yet
+            pass
+        time.sleep(1)
+    assert after and after["pid"] != victim["pid"] and after["replica_id"] != victim["replica_id"], after
+    ok = chat(served, max_tokens=4, temperature=0)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"], ok.text
+    print(f"replaced and answering {time.monotonic() - killed:.1f} s after the kill")
+    assert served.replicas()["ingress"] == before["ingress"]
+    deadline = time.monotonic() + 60
+    while _engine_cores(victim["engine_pids"]) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not _engine_cores(victim["engine_pids"]), "the killed replica's vLLM engine outlived it"
 
 
 # ------------------------------------------------------------------------------------------------ teardown
