@@ -64,6 +64,14 @@ class ModelSpec(_Strict):
     cpu_threads_bind: str = ""
     cpu_reserved: int = -1
 
+    @field_validator("kv_cache_gib")
+    @classmethod
+    def _whole_gib(cls, value: float) -> float:
+        from sad_ray.rollout.engines import check_kv_cache_gib
+
+        check_kv_cache_gib(value)
+        return value
+
     @model_validator(mode="after")
     def _default_name(self) -> ModelSpec:
         if not self.name:

