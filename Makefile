@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) bench/rollout.py
 	$(PY) bench/train.py
 	$(PY) bench/precision.py
+	$(PY) bench/serve.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sad_ray serve jobs tests bench
