@@ -45,12 +45,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+TRAJECTORY_FIELDS = ('"id", "env", "task_type", "split", "turns": [{"role", "content"}, ...], optional "success", '
+                     '"reward", "steps"')
+
+
 def load_episodes(path: str | Path) -> Iterator[Episode]:
-    """Episodes from a JSON-lines file; a bad line is an error naming the file, the line and the field."""
+    """Episodes from a JSON-lines file; a bad line is an error naming the file, the line and the field.
+
+    A file with no episode, or an id on two lines, is an error too: the file is read whole before anything is
+    scored, so a bad line never leaves part of a file written.
+    """
+    from sad_ray.method.masks import validate_turns
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data.trajectories: no file at {path}")
     required = {"id": str, "env": str, "task_type": str, "split": str, "turns": list}
+    optional = {"success": ((bool,), "a bool"), "reward": ((int, float), "a number"), "steps": ((int,), "an int")}
+    seen: dict[str, int] = {}
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -64,11 +76,25 @@ def load_episodes(path: str | Path) -> Iterator[Episode]:
             for name, kind in required.items():
                 if not isinstance(row.get(name), kind):
                     raise ValueError(f"{path}:{lineno}: field {name!r} must be a {kind.__name__}, got {row.get(name)!r}")
+            for name, (kinds, kind_name) in optional.items():
+                value = row.get(name)
+                # bool is an int to Python; `"success": "false"` would be truthy.
+                if name in row and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
+                    raise ValueError(f"{path}:{lineno}: field {name!r} must be {kind_name}, got {value!r}")
+            try:
+                validate_turns(row["turns"])
+            except ValueError as exc:
+                raise ValueError(f"{path}:{lineno}: field {exc}") from None
+            if row["id"] in seen:
+                raise ValueError(f"{path}:{lineno}: id {row['id']!r} is already on line {seen[row['id']]}")
+            seen[row["id"]] = lineno
             yield Episode(
                 id=row["id"], env=row["env"], task_type=row["task_type"], split=row["split"], turns=row["turns"],
-                success=bool(row.get("success", True)), reward=float(row.get("reward", 1.0)),
-                steps=int(row.get("steps", sum(t.get("role") == "assistant" for t in row["turns"] if isinstance(t, dict)))),
+                success=row.get("success", True), reward=float(row.get("reward", 1.0)),
+                steps=row.get("steps", sum(t["role"] == "assistant" for t in row["turns"])),
             )
+    if not seen:
+        raise ValueError(f"data.trajectories {path}: no episodes; expected one JSON object a line: {TRAJECTORY_FIELDS}")
 
 
 def episodes_for(cfg: Config) -> list[Episode]:

@@ -232,6 +232,54 @@ def test_real_data_loader(env, cache_dir, tmp_path, monkeypatch):
     assert len(ALFWorldEnv(data_dir=data).tasks("train", 10)) == len(TASK_TYPES) - 1
 
 
+def test_real_data_folders_without_playable_games_are_errors_naming_them(env, cache_dir, tmp_path, monkeypatch):
+    from sad_ray.envs.alfworld.store import GeneratedGames
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    expected = "expected json_2.1.1/{train,valid_seen,valid_unseen}/<task>/<trial>/game.tw-pddl"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"data_dir {empty} has no ALFWorld games ({expected}, as "
+                                                          "alfworld-download writes); found an empty folder")):
+        ALFWorldEnv(data_dir=empty)
+    (empty / "logic").mkdir()
+    with pytest.raises(FileNotFoundError, match=re.escape("found logic/")):
+        ALFWorldEnv(data_dir=empty)
+    no_games = tmp_path / "no-games"
+    (no_games / "json_2.1.1" / "train" / "pick_and_place_simple-Apple-None-Fridge-1").mkdir(parents=True)
+    with pytest.raises(ValueError, match=re.escape(f"data_dir {no_games}: no game.tw-pddl in train/, valid_seen/, "
+                                                   "valid_unseen/ two folders down")):
+        ALFWorldEnv(data_dir=no_games)
+
+    # Games ALFWorld would not play, every one: counted by why.
+    data = export_dataset(env.tasks("train", 2), tmp_path / "alfworld", cache_dir=cache_dir)
+    unsolvable, corrupt = sorted((data / "json_2.1.1").glob(f"*/*/*/{GAME_FILE}"))
+    original = unsolvable.read_text()
+    unsolvable.write_text(json.dumps({**json.loads(original), "solvable": False}))
+    corrupt.write_text('{"pddl_domain": "(define')
+    with pytest.raises(ValueError, match=re.escape(f"data_dir {data}: 0 of 2 games are playable: ")) as err:
+        ALFWorldEnv(data_dir=data)
+    assert "1 marked unsolvable" in str(err.value) and "1 with an unreadable game.tw-pddl" in str(err.value)
+
+    # One playable train game: a split without games is an error naming the folder and what there is.
+    unsolvable.write_text(original)
+    real = ALFWorldEnv(data_dir=data)
+    assert len(real.tasks("train", 5)) == 1
+    with pytest.raises(ValueError, match=re.escape(
+            f"data_dir {data / 'json_2.1.1'}: no playable test games (valid_unseen/) of types {', '.join(TASK_TYPES)}; "
+            "playable games per folder: train 1, valid_seen 0, valid_unseen 0")):
+        real.tasks("test", 5)
+
+    # $ALFWORLD_DATA someone set is named the same way; alfworld's own (empty) default is not a choice.
+    monkeypatch.setenv("ALFWORLD_DATA", str(empty))
+    with pytest.raises(FileNotFoundError, match=re.escape(f"$ALFWORLD_DATA {empty} has no ALFWorld games")):
+        ALFWorldEnv()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path / "home" / ".cache" / "alfworld"))
+    assert isinstance(ALFWorldEnv().store, GeneratedGames)
+    monkeypatch.setenv("ALFWORLD_DATA", str(data))
+    assert len(ALFWorldEnv().tasks("train", 5)) == 1
+
+
 def test_planner_plan_is_an_oracle(env):
     for task in env.tasks("train", 2, ["pick_and_place_simple"]):
         plan = env.planner_plan(task)

@@ -341,3 +341,101 @@ def test_real_hotpotqa_contexts_only_split_by_id(tmp_path):
         assert demonstration(env, Task("hotpotqa", task_type, 0, split)).success
     with pytest.raises(ValueError):
         HotPotQAEnv(corpus_path=qpath)
+
+
+# The first records of ReAct's data/hotpot_dev_v1_simplified.json, as that file has them: no `_id`, no supporting
+# facts, no context.
+REACT_SIMPLIFIED = [
+    {"question": "Were Scott Derrickson and Ed Wood of the same nationality?", "answer": "yes", "type": "comparison"},
+    {"question": "What government position was held by the woman who portrayed Corliss Archer in the film Kiss and "
+                 "Tell?", "answer": "Chief of Protocol", "type": "bridge"},
+    {"question": "What science fantasy young adult series, told in first person, has a set of companion books "
+                 "narrating the stories of enslaved worlds and alien species?", "answer": "Animorphs",
+     "type": "bridge"},
+]
+
+
+def test_react_simplified_questions_without_a_corpus_are_an_error_naming_the_file(tmp_path):
+    qpath, _ = _write(tmp_path, REACT_SIMPLIFIED)
+    with pytest.raises(ValueError) as err:
+        HotPotQAEnv(questions_path=qpath)
+    message = str(err.value)
+    assert message.startswith(f"questions_path {qpath}: 0 of 3 records are playable questions: 3 with no "
+                              "`supporting_facts` and no `context`.")
+    assert "pass corpus_path=" in message
+    # One split's file that yields nothing is named, even beside a good one.
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(REAL_QUESTIONS), encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(f"questions_path {qpath}: 0 of 3")):
+        HotPotQAEnv(questions_path={"train": good, "test": qpath})
+
+
+def test_react_simplified_questions_play_over_a_corpus_without_an_expert(tmp_path, caplog):
+    corpus = {title: sentences for q in REAL_QUESTIONS for title, sentences in q["context"]}
+    qpath, cpath = _write(tmp_path, REACT_SIMPLIFIED, corpus)
+    env = HotPotQAEnv(questions_path={"test": qpath}, corpus_path=cpath)
+    assert env.num_questions("test", "bridge") == 2 and env.num_questions("test", "comparison") == 1
+    comparison = Task("hotpotqa", "comparison", 0, "test")
+    assert env.reset(comparison) == "Question: Were Scott Derrickson and Ed Wood of the same nationality?"
+    assert env.step("search[Ed Wood]").observation.startswith("Edward Davis Wood Jr.")
+    finish = env.step("finish[yes]")
+    assert finish.done and finish.info["em"] == 1.0 and finish.info["question_id"].startswith("q")
+    with pytest.raises(ValueError, match=r"hotpotqa/test/comparison/0: question q\w+ .* has no `supporting_facts`"):
+        env.expert(comparison)
+    with pytest.raises(ValueError, match=re.escape(f"no train questions of types ['bridge', 'comparison'] in "
+                                                   f"questions_path test={qpath}")):
+        env.tasks("train", 1)
+    # Split by a hash of the question text when given as one file: the same split every time.
+    one = HotPotQAEnv(questions_path=qpath, corpus_path=cpath)
+    located = {q.question: s for s, p in one._pools.items() for qs in p.values() for q in qs}
+    assert len(located) == 3
+    assert located == {q.question: s for s, p in HotPotQAEnv(questions_path=qpath, corpus_path=cpath)._pools.items()
+                       for qs in p.values() for q in qs}
+    # A file with some bad records keeps the rest and says how many it skipped and why.
+    qpath.write_text(json.dumps(REACT_SIMPLIFIED + [{"question": "Who?"}, {"question": "Why?", "answer": "x",
+                                                                           "type": "yes/no"}]), encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        env = HotPotQAEnv(questions_path={"test": qpath}, corpus_path=cpath)
+    assert env.num_questions("test", "bridge") == 2
+    assert (f"questions_path {qpath}: skipped 2 of 5 records: 1 with no `answer`; 1 with a `type` other than bridge "
+            "or comparison") in caplog.text
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "questions_path: no file at {q}"),
+    ("[{\"question\": \"Who?\",", "questions_path {q}: not valid JSON (Expecting"),
+    ("[]", "questions_path {q}: expected a JSON list of objects with `question`, `answer`, `type` (bridge or "
+           "comparison) and `supporting_facts`"),
+    ('{"Ed Wood": ["Ed Wood was a filmmaker."]}', 'found a JSON object with keys "Ed Wood"'),
+    # ReAct's hotpot_test_v1_simplified.json: questions only.
+    ('[{"question": "Who?"}, {"question": "What?"}]', "questions_path {q}: 0 of 2 records are playable questions: "
+                                                      "2 with no `answer`."),
+    ('[{"question": "Who?", "answer": "x", "type": "bridge", "supporting_facts": [["A", "first"]]}]',
+     "1 with malformed `supporting_facts`"),
+    ('[{"question": "Who?", "answer": "x", "type": "bridge", "supporting_facts": [["Nowhere", 0]], '
+     '"context": [["Somewhere", ["A sentence."]]]}]',
+     "1 with a supporting fact on a page in neither `context` nor corpus_path"),
+])
+def test_question_files_that_yield_nothing_are_errors_naming_them(tmp_path, content, message):
+    qpath = tmp_path / "questions.json"
+    if content is not None:
+        qpath.write_text(content, encoding="utf-8")
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message.format(q=qpath))):
+        HotPotQAEnv(questions_path=qpath)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "corpus_path: no file at {c}"),
+    ("{}", "corpus_path {c}: expected {{title: [sentences]}} or [[title, [sentences]], ...], found an empty JSON "
+           "object"),
+    ('{"Ed Wood": [], "Scott Derrickson": "not a list"}', "corpus_path {c}: 0 of 2 entries are a title with "
+                                                          "sentences"),
+    ('"Ed Wood"', "found a JSON str"),
+])
+def test_corpus_files_that_yield_nothing_are_errors_naming_them(tmp_path, content, message):
+    qpath, _ = _write(tmp_path, REACT_SIMPLIFIED)
+    cpath = tmp_path / "corpus.json"
+    if content is not None:
+        cpath.write_text(content, encoding="utf-8")
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(message.format(c=cpath))):
+        HotPotQAEnv(questions_path=qpath, corpus_path=cpath)

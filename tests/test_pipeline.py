@@ -218,6 +218,43 @@ def test_bad_trajectory_files_are_named_with_line_and_field(tmp_path):
         run_distill(cfg)
 
 
+# The README's example line of a `data.source: jsonl` file.
+EXAMPLE_LINE = (
+    '{"id": "my-hotpotqa-0", "env": "hotpotqa", "task_type": "comparison", "split": "train", "turns": ['
+    '{"role": "user", "content": "Question: Were Scott Derrickson and Ed Wood of the same nationality?"}, '
+    '{"role": "assistant", "content": "Thought: I need both nationalities.\\nAction: search[Scott Derrickson]"}, '
+    '{"role": "user", "content": "Scott Derrickson (born July 16, 1966) is an American director."}, '
+    '{"role": "assistant", "content": "Thought: Ed Wood was American too.\\nAction: finish[yes]"}], '
+    '"success": true, "reward": 1.0, "steps": 2}'
+)
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([EXAMPLE_LINE, EXAMPLE_LINE.replace('"role": "user", "content"', '"role": "user", "text"', 1)],
+     "chats.jsonl:2: field turns[0] has no 'content' key"),
+    ([EXAMPLE_LINE.replace('"success": true', '"success": "false"')],
+     "chats.jsonl:1: field 'success' must be a bool, got 'false'"),
+    ([EXAMPLE_LINE.replace('"steps": 2', '"steps": true')], "chats.jsonl:1: field 'steps' must be an int, got True"),
+    ([EXAMPLE_LINE, "", EXAMPLE_LINE], "chats.jsonl:3: id 'my-hotpotqa-0' is already on line 1"),
+    (["", "  "], "chats.jsonl: no episodes; expected one JSON object a line"),
+])
+def test_every_bad_trajectory_line_is_named_before_anything_is_read(tmp_path, lines, message):
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        list(load_episodes(path))
+
+
+def test_the_readme_example_line_loads(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text(EXAMPLE_LINE + "\n")
+    (episode,) = load_episodes(path)
+    assert (episode.id, episode.env, episode.task_type, episode.split) == ("my-hotpotqa-0", "hotpotqa", "comparison",
+                                                                          "train")
+    assert len(episode.turns) == 4 and episode.success is True and episode.reward == 1.0 and episode.steps == 2
+    assert episode.turns[1]["content"] == "Thought: I need both nationalities.\nAction: search[Scott Derrickson]"
+
+
 def test_the_seed_source_and_jsonl_files_feed_the_same_stage(tmp_path):
     from sad_ray.envs.seed import seed_episode
 

@@ -27,10 +27,22 @@ def normalize_command(action: str) -> str:
     return " ".join(action.strip().rstrip(".").split()).lower()
 
 
+# What importing alfworld sets `$ALFWORLD_DATA` to when it is unset (alfworld/info.py), creating the folder.
+ALFWORLD_DEFAULT_DATA = "~/.cache/alfworld"
+
+
 def env_data_dir() -> Path | None:
-    """`$ALFWORLD_DATA` when it holds downloaded games (importing alfworld sets it to an empty default otherwise)."""
+    """`$ALFWORLD_DATA`: a folder someone chose, or alfworld's own default only when it holds downloaded games.
+
+    A chosen folder without games is an error later (`ALFWorldData`); alfworld's empty default is not a choice.
+    """
     value = os.environ.get("ALFWORLD_DATA")
-    return Path(value) if value and (Path(value).expanduser() / "json_2.1.1").is_dir() else None
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if path.resolve() == Path(ALFWORLD_DEFAULT_DATA).expanduser().resolve() and not (path / "json_2.1.1").is_dir():
+        return None
+    return path
 
 
 def task_sentence(grammar: str) -> str:
@@ -54,9 +66,11 @@ class ALFWorldEnv(Environment):
                  max_steps: int = 50) -> None:
         super().__init__()
         self.max_steps = max_steps
+        setting = "data_dir"
         if data_dir is None and cache_dir is None:
-            data_dir = env_data_dir()
-        self.store: GeneratedGames | ALFWorldData = ALFWorldData(data_dir) if data_dir else GeneratedGames(cache_dir)
+            data_dir, setting = env_data_dir(), "$ALFWORLD_DATA"
+        self.store: GeneratedGames | ALFWorldData = (ALFWorldData(data_dir, setting) if data_dir
+                                                     else GeneratedGames(cache_dir))
         self._engine: Engine | None = None
         self._planner: Engine | None = None
         self._loaded: Path | None = None

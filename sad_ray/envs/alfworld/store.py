@@ -14,7 +14,6 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from functools import cached_property
 from itertools import count
 from pathlib import Path
 
@@ -117,44 +116,91 @@ def write_game(task: Task, path: Path) -> Path:
     return path
 
 
-def _solvable(game: Path) -> bool:
-    """ALFWorld plays only games marked solvable; the flag closes the file, so its tail usually suffices."""
-    with open(game, "rb") as f:
-        f.seek(max(0, f.seek(0, os.SEEK_END) - 64))
-        tail = f.read()
-    if b'"solvable"' in tail:
-        return b'"solvable": true' in tail
-    return bool(json.loads(game.read_text()).get("solvable"))
+def _solvable(game: Path) -> bool | None:
+    """ALFWorld plays only games marked solvable; the flag closes the file, so its tail usually suffices.
+
+    None when the file cannot be read as a game.
+    """
+    try:
+        with open(game, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 64))
+            tail = f.read()
+        if b'"solvable"' in tail:
+            return b'"solvable": true' in tail
+        data = json.loads(game.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return bool(data.get("solvable")) if isinstance(data, dict) else None
+
+
+def _listing(folder: Path) -> str:
+    """What a folder holds, for error messages."""
+    if not folder.is_dir():
+        return "no such folder"
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    if not entries:
+        return "an empty folder"
+    return ", ".join(entries[:6]) + (f" and {len(entries) - 6} more" if len(entries) > 6 else "")
 
 
 class ALFWorldData:
     """Real ALFWorld games (`alfworld-download`'s folder, or one laid out the same way).
 
-    A task's seed is its index among the split's games of its type, sorted by path.
+    A task's seed is its index among the split's games of its type, sorted by path. A folder with no playable
+    game is an error naming it (`setting` says where it came from: `data_dir` or `$ALFWORLD_DATA`).
     """
 
-    def __init__(self, data_dir: str | Path) -> None:
+    def __init__(self, data_dir: str | Path, setting: str = "data_dir") -> None:
         root = Path(data_dir).expanduser()
         self.root = root / "json_2.1.1" if (root / "json_2.1.1").is_dir() else root
+        self.setting = setting
+        expected = f"expected json_2.1.1/{{{','.join(ALFWORLD_SPLITS.values())}}}/<task>/<trial>/{GAME_FILE}"
         if not any((self.root / d).is_dir() for d in ALFWORLD_SPLITS.values()):
-            raise FileNotFoundError(f"{data_dir} has no ALFWorld games (expected json_2.1.1/{{train,valid_seen,"
-                                    f"valid_unseen}}/.../{GAME_FILE})")
+            raise FileNotFoundError(f"{setting} {data_dir} has no ALFWorld games ({expected}, as alfworld-download "
+                                    f"writes); found {_listing(root)}")
+        self.index, skipped, total = self._scan()
+        if not self.index:
+            found = (f"0 of {total} games are playable: {_counts(skipped)}" if total else
+                     f"no {GAME_FILE} in {', '.join(d + '/' for d in ALFWORLD_SPLITS.values())} two folders down")
+            raise ValueError(f"{setting} {data_dir}: {found} ({expected})")
+        if skipped:
+            # ALFWorld's own loader skips movable, sliced and unsolvable games too: a count, not a warning.
+            log.info("%s %s: skipped %d of %d games: %s", setting, data_dir, sum(skipped.values()), total,
+                     _counts(skipped))
 
-    @cached_property
-    def index(self) -> dict[tuple[str, str], list[Path]]:
+    def _scan(self) -> tuple[dict[tuple[str, str], list[Path]], dict[str, int], int]:
         """(split, task type) -> game folders, sorted; skipping what ALFWorld skips (movable, sliced, unsolvable)."""
         out: dict[tuple[str, str], list[Path]] = {}
+        skipped: dict[str, int] = {}
+        total = 0
         for split, folder in ALFWORLD_SPLITS.items():
             for game in sorted((self.root / folder).glob(f"*/*/{GAME_FILE}")):
+                total += 1
                 task_dir = game.parent.parent.name
                 task_type = task_dir.split("-")[0]
-                if task_type not in TASK_TYPES or "movable" in task_dir or "Sliced" in task_dir or not _solvable(game):
-                    continue
-                out.setdefault((split, task_type), []).append(game.parent)
-        return out
+                if task_type not in TASK_TYPES:
+                    reason = "of an unknown task type"
+                elif "movable" in task_dir or "Sliced" in task_dir:
+                    reason = "movable or sliced"
+                else:
+                    solvable = _solvable(game)
+                    if solvable:
+                        out.setdefault((split, task_type), []).append(game.parent)
+                        continue
+                    reason = "marked unsolvable" if solvable is False else f"with an unreadable {GAME_FILE}"
+                skipped[reason] = skipped.get(reason, 0) + 1
+        return out, skipped, total
+
+    def counts(self) -> str:
+        """Playable games per ALFWorld split folder: 'train 6, valid_seen 0, valid_unseen 2'."""
+        return ", ".join(f"{folder} {sum(len(v) for (s, _), v in self.index.items() if s == split)}"
+                         for split, folder in ALFWORLD_SPLITS.items())
 
     def tasks(self, split: str, n: int, types: Sequence[str], start: int) -> list[Task]:
         per_type = {t: len(self.index.get((split, t), [])) for t in types}
+        if n and not any(per_type.values()):
+            raise ValueError(f"{self.setting} {self.root}: no playable {split} games ({ALFWORLD_SPLITS[split]}/) of "
+                             f"types {', '.join(types)}; playable games per folder: {self.counts()}")
         return [Task("alfworld", t, s, split) for t, s in _interleave(per_type, types, n, start)]
 
     def game_dir(self, task: Task) -> Path:
@@ -165,6 +211,10 @@ class ALFWorldData:
 
     def prepare(self, tasks: Sequence[Task], workers: int = 2) -> int:
         return 0
+
+
+def _counts(reasons: dict[str, int]) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda x: -x[1]))
 
 
 def export_dataset(tasks: Sequence[Task], out_dir: str | Path, cache_dir: str | Path | None = None) -> Path:

@@ -97,7 +97,9 @@ class HotPotQAEnv(Environment):
     `questions_path` (HotPotQA JSON: `_id`, `question`, `answer`, `type`, `supporting_facts`, optional `context`;
     one file split by `_id`, or a mapping split -> file) and optionally `corpus_path` (`{title: [sentences]}` or
     `[[title, [sentences]], ...]`) it uses real questions and the expert follows their supporting facts.
-    A task's seed indexes its split's pool of that type, wrapping around past the end.
+    Questions without supporting facts (ReAct's `hotpot_*_simplified.json`: `question`, `answer`, `type`) are
+    played over `corpus_path` (or their own `context`), with no expert. A task's seed indexes its split's pool of
+    that type, wrapping around past the end.
     """
 
     name = "hotpotqa"
@@ -111,8 +113,11 @@ class HotPotQAEnv(Environment):
             if corpus_path is not None:
                 raise ValueError("corpus_path needs questions_path: the built-in questions use the built-in corpus")
             self.corpus, self._pools = _geo()
+            self._source = "the built-in questions"
         else:
             self.corpus, self._pools = load_real(questions_path, corpus_path)
+            self._source = "questions_path " + (", ".join(f"{s}={p}" for s, p in questions_path.items())
+                                                if isinstance(questions_path, Mapping) else str(questions_path))
         self._question: Question | None = None
         self._page: Page | None = None
         self._lookup_keyword: str | None = None
@@ -133,7 +138,7 @@ class HotPotQAEnv(Environment):
             raise ValueError(f"unknown task types {unknown}; known: {', '.join(self.task_types)}")
         types = [t for t in (task_types or self.task_types) if self._pools[split][t]]
         if not types:
-            raise ValueError(f"no {split} questions of types {list(task_types or self.task_types)}")
+            raise ValueError(f"no {split} questions of types {list(task_types or self.task_types)} in {self._source}")
         return [Task(self.name, types[i % len(types)], i // len(types), split) for i in range(start, start + n)]
 
     def question(self, task: Task) -> Question:
@@ -192,6 +197,10 @@ class HotPotQAEnv(Environment):
 
     def expert_steps(self, task: Task) -> list[ExpertStep]:
         q = self.question(task)
+        if not q.hops:
+            raise ValueError(f"{task.id}: question {q.id} ({q.question!r}) has no `supporting_facts`, so the expert "
+                             f"cannot demonstrate it; agents can still play it. Expert demonstrations need "
+                             f"questions with `supporting_facts` (HotPotQA's own files)")
         rng = random.Random(f"expert/{task.id}")
         real = not q.conclusions
         steps: list[ExpertStep] = []

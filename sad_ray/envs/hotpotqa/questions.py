@@ -497,6 +497,12 @@ def _interleave(lists: list[list[Question]]) -> list[Question]:
 
 # ---- real HotPotQA data -----------------------------------------------------------------------------------
 
+CORPUS_FORMAT = "{title: [sentences]} or [[title, [sentences]], ...]"
+EXPECTED_QUESTIONS = ("a JSON list of objects with `question`, `answer`, `type` (bridge or comparison) and "
+                      "`supporting_facts` whose pages are in `context` or corpus_path (without them, a corpus_path "
+                      "to play over)")
+NO_PAGES = "no `supporting_facts` and no `context`"
+
 
 def _sentences(raw: Any) -> tuple[str, ...]:
     return tuple(s.strip() for s in raw if isinstance(s, str) and s.strip()) if isinstance(raw, list) else ()
@@ -515,61 +521,142 @@ def load_corpus_pages(data: Any) -> list[Page]:
     return pages
 
 
-def _real_question(record: dict[str, Any], corpus: Corpus) -> Question | None:
+def _read_json(path: Path, setting: str) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{setting}: no file at {path}")
     try:
-        qid, text, answer, kind = str(record["_id"]), record["question"], str(record["answer"]), record["type"]
-        facts = [(str(t), int(i)) for t, i in record["supporting_facts"]]
-    except (KeyError, TypeError, ValueError):
-        return None
-    if kind not in TASK_TYPES or not facts:
-        return None
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{setting} {path}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
+
+
+def _found(data: Any) -> str:
+    """What a JSON document is, for error messages: 'a JSON object with keys "a", "b", ...'."""
+    if isinstance(data, dict):
+        keys = ", ".join(json.dumps(k) for k in list(data)[:3]) + (", ..." if len(data) > 3 else "")
+        return f"a JSON object with keys {keys}" if data else "an empty JSON object"
+    if isinstance(data, list):
+        return f"a JSON list of {len(data)}" if data else "an empty JSON list"
+    return f"a JSON {type(data).__name__}"
+
+
+def read_corpus(path: str | Path) -> list[Page]:
+    """The pages of a corpus file; one that holds no page is an error naming it."""
+    path = Path(path).expanduser()
+    data = _read_json(path, "corpus_path")
+    if not isinstance(data, (dict, list)) or not data:
+        raise ValueError(f"corpus_path {path}: expected {CORPUS_FORMAT}, found {_found(data)}")
+    pages = load_corpus_pages(data)
+    if not pages:
+        raise ValueError(f"corpus_path {path}: 0 of {len(data)} entries are a title with sentences; "
+                         f"expected {CORPUS_FORMAT}")
+    if len(pages) < len(data):
+        log.warning("corpus_path %s: skipped %d of %d entries that are not a title with sentences",
+                    path, len(data) - len(pages), len(data))
+    return pages
+
+
+def _fields(record: Any, has_corpus: bool) -> dict[str, Any] | str:
+    """A record's question fields, or why it cannot be played."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    text = record.get("question")
+    if not isinstance(text, str) or not text.strip():
+        return "with no `question`"
+    if record.get("answer") is None:
+        return "with no `answer`"
+    if record.get("type") not in TASK_TYPES:
+        return "with a `type` other than bridge or comparison"
+    try:
+        facts = [(str(t), int(i)) for t, i in record.get("supporting_facts") or []]
+    except (TypeError, ValueError):
+        return "with malformed `supporting_facts` (expected [[title, sentence index], ...])"
+    if not facts and not record.get("context") and not has_corpus:
+        return f"with {NO_PAGES}"
+    # ReAct's simplified files have no `_id`: the question text names the question as stably.
+    qid = str(record["_id"]) if "_id" in record else "q" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+    return {"id": qid, "question": text, "answer": str(record["answer"]), "type": record["type"], "facts": facts}
+
+
+def _real_question(fields: dict[str, Any], corpus: Corpus) -> Question | str:
+    """The question, or why it cannot be played. Without supporting facts it has no hops: no expert for it."""
+    qid, text = fields["id"], fields["question"]
     by_title: dict[str, list[int]] = {}
-    for title, i in facts:
+    for title, i in fields["facts"]:
         page = corpus.pages.get(title)
         if page is None:
-            return None
+            return "with a supporting fact on a page in neither `context` nor corpus_path"
         if 0 <= i < len(page.sentences):
             by_title.setdefault(title, []).append(i)
-    if not by_title:
-        return None
+    if fields["facts"] and not by_title:
+        return "with only supporting facts past the end of their pages"
     question_key = fold(text)
     position = {t: question_key.find(title_key(t)) for t in by_title}
     order = list(by_title)
     # The page the question names comes first: for a bridge question it leads to the other one.
     order.sort(key=lambda t: (position[t] < 0, position[t] if position[t] >= 0 else 0))
     hops = tuple(Hop(t, tuple(sorted(set(by_title[t])))) for t in order)
-    return Question(id=qid, question=text, answer=answer, type=kind, hops=hops, split_key=qid)
+    return Question(id=qid, question=text, answer=fields["answer"], type=fields["type"], hops=hops, split_key=qid)
+
+
+def _counts(reasons: dict[str, int]) -> str:
+    return "; ".join(f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda x: -x[1]))
 
 
 def load_real(questions_path: str | Path | Mapping[str, str | Path],
               corpus_path: str | Path | None = None) -> tuple[Corpus, dict[str, dict[str, list[Question]]]]:
     """Real HotPotQA questions (and their `context` paragraphs) plus an optional paragraph corpus.
 
-    `questions_path` is one JSON file (split by a hash of `_id`) or a mapping split -> file.
+    `questions_path` is one JSON file (split by a hash of `_id`) or a mapping split -> file. A question needs
+    `question`, `answer` and `type`; with `supporting_facts` the expert follows them, without (ReAct's
+    `hotpot_*_simplified.json`) only agents play it, over its `context` or the corpus. A file none of whose
+    records can be played is an error naming it and why; skipped records are a warning with counts.
     """
     files = dict(questions_path) if isinstance(questions_path, Mapping) else {"*": questions_path}
-    records: dict[str, list[dict[str, Any]]] = {}
+    data: dict[str, tuple[Path, list[Any]]] = {}
     for split, path in files.items():
         if split != "*" and split not in SPLITS:
             raise ValueError(f"unknown split {split!r} in questions_path; use {', '.join(SPLITS)}")
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        records[split] = [r for r in data if isinstance(r, dict)] if isinstance(data, list) else []
-    pages = load_corpus_pages(json.loads(Path(corpus_path).read_text(encoding="utf-8"))) if corpus_path else []
-    for rs in records.values():
-        for r in rs:
-            pages.extend(load_corpus_pages(r.get("context") or []))
+        path = Path(path).expanduser()
+        records = _read_json(path, "questions_path")
+        if not isinstance(records, list) or not records:
+            raise ValueError(f"questions_path {path}: expected {EXPECTED_QUESTIONS}; found {_found(records)}")
+        data[split] = path, records
+    pages = read_corpus(corpus_path) if corpus_path else []
+    for _, records in data.values():
+        for r in records:
+            if isinstance(r, dict):
+                pages.extend(load_corpus_pages(r.get("context") or []))
     corpus = Corpus(pages)
     pools: dict[str, dict[str, list[Question]]] = {s: {t: [] for t in TASK_TYPES} for s in SPLITS}
-    skipped = 0
-    for split, rs in records.items():
-        for r in rs:
-            q = _real_question(r, corpus)
-            if q is None:
-                skipped += 1
-                continue
+    for split, (path, records) in data.items():
+        skipped: dict[str, int] = defaultdict(int)
+        kept: list[Question] = []
+        for r in records:
+            f = _fields(r, bool(corpus_path))
+            q = _real_question(f, corpus) if isinstance(f, dict) else f
+            if isinstance(q, str):
+                skipped[q] += 1
+            else:
+                kept.append(q)
+        if not kept:
+            hint = ""
+            if f"with {NO_PAGES}" in skipped:
+                hint = (f" Questions without supporting facts (as in ReAct's hotpot_*_simplified.json) are played "
+                        f"over a local Wikipedia: pass corpus_path= a JSON file {CORPUS_FORMAT}; the expert cannot "
+                        f"demonstrate them, so expert demonstrations need HotPotQA's own files "
+                        f"(hotpot_train_v1.1.json, hotpot_dev_distractor_v1.json), which carry both.")
+            raise ValueError(f"questions_path {path}: 0 of {len(records)} records are playable questions: "
+                             f"{_counts(skipped)}. Expected {EXPECTED_QUESTIONS}.{hint}")
+        if skipped:
+            log.warning("questions_path %s: skipped %d of %d records: %s", path, sum(skipped.values()),
+                        len(records), _counts(skipped))
+        expertless = sum(not q.hops for q in kept)
+        if expertless:
+            log.info("questions_path %s: %d of %d questions have no `supporting_facts`: agents play them, the "
+                     "expert cannot demonstrate them", path, expertless, len(kept))
+        for q in kept:
             pools[split_of(q.split_key) if split == "*" else split][q.type].append(q)
-    if skipped:
-        log.warning("skipped %d HotPotQA questions (malformed, unknown type, or supporting page missing)", skipped)
     log.info("loaded %d real HotPotQA questions over %d pages",
              sum(len(x) for p in pools.values() for x in p.values()), len(corpus))
     return corpus, pools
