@@ -30,4 +30,7 @@ def main(run: Callable[[Config], dict[str, Any]], description: str, argv: Sequen
     if evaluation:  # the evaluation's table, readable (the JSON above holds its numbers too)
         print(f"\nEvaluation through the Serve app ({evaluation['dir']}/table.md has every task type):\n")
         print(evaluation["summary"])
+    if isinstance(result.get("serve"), str):
+        served = result["serve"]
+        print(f"The student is served at {served}" if served.startswith("http") else f"Serve the student with:\n  {served}")
     return 0

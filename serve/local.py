@@ -80,3 +80,48 @@ def serve_models_for(cfg):
             yield Endpoint(url, key)
 
     return serve_models
+
+
+def serve_command(cfg, models: Mapping[str, str]) -> str:
+    """The shell command that serves `models` (name -> directory) as the job would."""
+    parts = ["python -m serve"]
+    for name, source in models.items():
+        parts += [f"--model {source}", f"--name {name}"]
+    parts += [f"--host {cfg.serve.host}", f"--port {cfg.serve.port}", f"--precision {cfg.precision}"]
+    return " ".join(parts)
+
+
+def deploy(cfg, models: Mapping[str, str]) -> str:
+    """`serve.keep`: serve `models` on `serve.host:port` and leave them served. On a cluster this job only joined
+    (`ray job submit`) the app outlives the job; when the job started Ray itself, it serves until interrupted.
+    Without `serve.keep`, the command that serves them is returned for the summary instead."""
+    import ray
+    from ray import serve
+
+    command = serve_command(cfg, models)
+    if not cfg.serve.keep:
+        return command
+    key = os.environ.get(cfg.serve.api_key_env) or None
+    args = eval_app_args(cfg, models, key)
+    # A submitted job (or one given an address) leaves the app on its cluster; a plain `python jobs/distill.py`
+    # owns its local Ray, which ends with it, so it keeps serving until interrupted.
+    own_cluster = not (os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_ADDRESS"))
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/", logging_config={"enable_access_log": False})
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"
+    print(f"serving {', '.join(models)} on {url}" + (" (Bearer key from $" + cfg.serve.api_key_env + ")" if key
+                                                     else ""), flush=True)
+    if own_cluster:
+        import signal
+        import threading
+
+        print("Ctrl-C stops it", flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        serve.shutdown()
+    return url
+

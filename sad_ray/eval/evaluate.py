@@ -154,10 +154,14 @@ def play_agent(engine: Engine, tasks: Sequence[Task], cfg: EvalConfig, context_c
     play_cfg = PlayConfig(max_in_flight=cfg.in_flight, context_chars=context_chars,
                           sampling=SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
     order = {t.id: i for i, t in enumerate(tasks)}
-    episodes = []
+    episodes: list[Episode] = []
+    start = time.perf_counter()
     for ep in play(engine, lambda name: make_env(name, **{**limit, **kwargs.get(name, {})}), tasks, play_cfg, stats):
-        log.info("eval %s %s: %s in %d steps", engine.model_id, ep.id, "won" if ep.success else "lost", ep.steps)
         episodes.append(ep)
+        elapsed = time.perf_counter() - start
+        log.info("eval %s: %d/%d episodes (%s %s in %d steps), %.0f s, ~%.0f s left", engine.model_id,
+                 len(episodes), len(tasks), ep.id, "won" if ep.success else "lost", ep.steps, elapsed,
+                 elapsed / len(episodes) * (len(tasks) - len(episodes)))
     return sorted(episodes, key=lambda e: order[e.id])
 
 

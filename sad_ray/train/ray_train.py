@@ -342,6 +342,7 @@ def train_loop(config: dict[str, Any]) -> None:
                                                                    "cuda" if s.use_gpu else "cpu").items()})
         sink.log({"train/data_load_seconds": w.load_seconds, "train/records_on_rank0": len(w.records)}, 0)
     tokens, t0 = 0, time.perf_counter()
+    progress = _Progress(ctx.get_experiment_name(), step, s.steps) if rank == 0 else None
     while step < s.steps:
         _, out = curriculum_step(w.model, w.sampler, w.records, s.batch_size, w.pad_id, config["loss"],
                                  vocab_size=config["vocab_size"], precision=w.precision, optimizer=w.optimizer,
@@ -356,9 +357,37 @@ def train_loop(config: dict[str, Any]) -> None:
             sink.log({**metrics, "lr": w.scheduler.get_last_lr()[0], "grad_norm": out.grad_norm,
                       "tokens_per_second": tokens / elapsed if elapsed else 0.0,
                       "data_wait_fraction": w.load_seconds / (elapsed + w.load_seconds), **w.sampler.stats()}, step)
+        if progress is not None:
+            progress.step(step, out.loss, tokens / elapsed if elapsed else 0.0)
         if step % s.checkpoint_every == 0 or step == s.steps:
             _checkpoint(ctx.get_experiment_name(), step, w, rank, metrics, final=step == s.steps,
                         zero3=w.engine is not None and s.zero_stage == 3)
+
+
+class _Progress:
+    """One line a person can follow, at most every `every` seconds (and at the last step): step n/total, loss,
+    tokens/s, elapsed and time left at the rate so far. Printed by rank 0; Ray shows it on the driver's console."""
+
+    def __init__(self, run: str, first: int, total: int, every: float = 15.0) -> None:
+        self.run, self.first, self.total, self.every = run, first, total, every
+        self.t0 = self.last = time.perf_counter()
+
+    def step(self, step: int, loss: float, tokens_per_s: float) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every and step != self.total:
+            return
+        self.last = now
+        done = step - self.first
+        left = (now - self.t0) / done * (self.total - step) if done else float("nan")
+        print(f"train {self.run}: step {step}/{self.total}  loss {loss:.3f}  {tokens_per_s:.0f} tok/s  "
+              f"{_clock(now - self.t0)} elapsed, ~{_clock(left)} left", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:
+        return "?"
+    m, sec = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{sec:02d}s"
 
 
 def _checkpoint(run: str, step: int, w: _Worker, rank: int, metrics: dict[str, float], final: bool,
