@@ -366,7 +366,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
 class _Progress:
     """One line a person can follow, at most every `every` seconds (and at the last step): step n/total, loss,
-    tokens/s, elapsed and time left at the rate so far. Printed by rank 0; Ray shows it on the driver's console."""
+    tokens/s, elapsed and time left at the rate so far. Logged by rank 0; Ray shows it on the driver's console."""
 
     def __init__(self, run: str, first: int, total: int, every: float = 15.0) -> None:
         self.run, self.first, self.total, self.every = run, first, total, every
@@ -379,8 +379,9 @@ class _Progress:
         self.last = now
         done = step - self.first
         left = (now - self.t0) / done * (self.total - step) if done else float("nan")
-        print(f"train {self.run}: step {step}/{self.total}  loss {loss:.3f}  {tokens_per_s:.0f} tok/s  "
-              f"{_clock(now - self.t0)} elapsed, ~{_clock(left)} left", flush=True)
+        # (a logger, not print: Ray Train shows a worker's print twice on the driver)
+        log.info("train %s: step %d/%d  loss %.3f  %.0f tok/s  %s elapsed, ~%s left", self.run, step, self.total, loss,
+                 tokens_per_s, _clock(now - self.t0), _clock(left))
 
 
 def _clock(seconds: float) -> str:
