@@ -6,23 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from serve.local import free_port
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -32,13 +27,13 @@ def cluster():
 
     # `ray stop` ends every Ray process on the machine: nothing of this session's may be running then.
     ray.shutdown()
-    dashboard = _free_port()
+    dashboard = free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            # `ray start --head` turns token authentication on; the CLI must then use it (STACK.md).
            "RAY_AUTH_MODE": "token", "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}
     env.pop("RAY_ADDRESS", None)
     start = subprocess.run(
-        [BIN / "ray", "start", "--head", f"--port={_free_port()}", f"--dashboard-port={dashboard}",
+        [BIN / "ray", "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
          "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stdout + start.stderr

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from sad_ray.rollout.engines import EngineConfig, SamplingConfig, VLLMEngine
 from serve.app import APP_NAME, build_app, deployment_name
 from serve.config import AppArgs, Limits, ModelSpec
 from serve.engines import resolve_source
+from serve.local import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +41,6 @@ KEY = "sk-test-0123456789"
 LIMITS = Limits(max_body_bytes=64 * 1024, max_messages=48, max_prompt_tokens=1536, max_tokens=64,
                 default_max_tokens=16)
 HI = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served:
@@ -95,7 +89,7 @@ def served(starter_dir, student_dir):
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = AppArgs(
         models=[ModelSpec(source=str(starter_dir), name="teacher", engine="vllm", max_model_len=2048, num_cpus=0.5,

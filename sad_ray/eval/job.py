@@ -168,9 +168,9 @@ def write_report(cfg: Config, runs: Sequence[AgentRun], out_dir: Path, tokenizer
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
 
-    fmt, unparsed = cfg.segment.format, cfg.segment.on_unparsed
-    table = report.rows(runs, cfg.eval, count, fmt, unparsed)
-    differences = report.diffs(runs, cfg.eval, count, fmt, unparsed)
+    reason_tokens = report.ReasonTokens(count, cfg.segment.format, cfg.segment.on_unparsed)
+    table = report.rows(runs, cfg.eval, reason_tokens)
+    differences = report.diffs(runs, cfg.eval, reason_tokens)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"table.md": report.markdown(table, differences, cfg.eval), "table.csv": report.to_csv(table),
              "diffs.csv": report.to_csv(differences), "summary.md": report.summary_markdown(table)}

@@ -23,6 +23,20 @@ ALL = "all"
 CountTokens = Callable[[str], int]
 
 
+class ReasonTokens:
+    """Tokens in a turn's [REASON] spans, each distinct turn segmented and tokenized once (rows and paired
+    differences both ask for every turn)."""
+
+    def __init__(self, count_tokens: CountTokens, fmt: str, on_unparsed: str = "reason") -> None:
+        self.count_tokens, self.fmt, self.on_unparsed = count_tokens, fmt, on_unparsed
+        self._cache: dict[str, int] = {}
+
+    def __call__(self, text: str) -> int:
+        if text not in self._cache:
+            self._cache[text] = self.count_tokens(reason_texts(text, self.fmt, self.on_unparsed))
+        return self._cache[text]
+
+
 @dataclass(frozen=True)
 class Row:
     agent: str
@@ -80,17 +94,9 @@ def _assistant(ep: Episode) -> list[str]:
     return [t["content"] for t in ep.turns if t["role"] == "assistant"]
 
 
-def rows(runs: Sequence[AgentRun], cfg: EvalConfig, count_tokens: CountTokens, fmt: str,
-         on_unparsed: str = "reason") -> list[Row]:
+def rows(runs: Sequence[AgentRun], cfg: EvalConfig, reason_tokens: ReasonTokens) -> list[Row]:
     """Every agent x environment x task type (and `all`) row, with intervals."""
     conf, boot = cfg.confidence, {"confidence": cfg.confidence, "resamples": cfg.resamples, "seed": cfg.seed}
-    reason_cache: dict[str, int] = {}
-
-    def reason_tokens(text: str) -> int:
-        if text not in reason_cache:
-            reason_cache[text] = count_tokens(reason_texts(text, fmt, on_unparsed))
-        return reason_cache[text]
-
     out: list[Row] = []
     for run in runs:
         for env, tt in _groups(run):
@@ -125,8 +131,7 @@ def rows(runs: Sequence[AgentRun], cfg: EvalConfig, count_tokens: CountTokens, f
     return out
 
 
-def diffs(runs: Sequence[AgentRun], cfg: EvalConfig, count_tokens: CountTokens, fmt: str,
-          on_unparsed: str = "reason") -> list[Diff]:
+def diffs(runs: Sequence[AgentRun], cfg: EvalConfig, reason_tokens: ReasonTokens) -> list[Diff]:
     """Each agent after the first minus the first, paired by task, per environment and over all tasks."""
     if len(runs) < 2:
         return []
@@ -135,7 +140,7 @@ def diffs(runs: Sequence[AgentRun], cfg: EvalConfig, count_tokens: CountTokens, 
     ref_eps = {e.id: e for e in ref.episodes}
 
     def reason(ep: Episode) -> float:
-        return sum(count_tokens(reason_texts(t, fmt, on_unparsed)) for t in _assistant(ep))
+        return sum(reason_tokens(t) for t in _assistant(ep))
 
     out: list[Diff] = []
     for run in runs[1:]:
