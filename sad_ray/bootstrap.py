@@ -27,6 +27,9 @@ from sad_ray.train.ray_train import result_settings
 log = logging.getLogger(__name__)
 
 MANIFEST = TEACHER_MANIFEST
+# The experts' demonstrations, versioned: a change to what they say or do makes teachers built on the old ones
+# stale (2: ALFWorld's searcher says which places are left to search).
+DEMONSTRATIONS_VERSION = 2
 
 
 def teacher_home(cfg: Config) -> Path:
@@ -36,7 +39,8 @@ def teacher_home(cfg: Config) -> Path:
 def settings_hash(cfg: Config) -> str:
     """What makes two bootstrapped teachers the same: base model, data, training, prompt window."""
     b = cfg.bootstrap
-    key = {"base": b.base, "envs": b.envs, "demos": b.demos, "train": result_settings(b.train),
+    key = {"base": b.base, "envs": b.envs, "demos": b.demos, "demonstrations": DEMONSTRATIONS_VERSION,
+           "train": result_settings(b.train),
            "precision": cfg.precision,
            "curriculum": asdict(b.curriculum),
            "context_chars": cfg.rollout.context_chars, "format": cfg.segment.format}
@@ -60,6 +64,7 @@ def demo_records(cfg: Config, base_dir: Path, records_dir: Path) -> ScoreReport:
     """Windowed one-hot records of the expert demonstrations not yet written (a rerun continues)."""
     from transformers import AutoTokenizer
 
+    from sad_ray.console import Progress
     from sad_ray.envs import make_env
     from sad_ray.envs.react import demonstration
     from sad_ray.models.tokenizers import tokenizer_fingerprint
@@ -74,11 +79,14 @@ def demo_records(cfg: Config, base_dir: Path, records_dir: Path) -> ScoreReport:
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=cfg.models.trust_remote_code)
     envs: dict[str, Any] = {}
 
+    progress = Progress("bootstrap: demonstrations", len(tasks), "episodes")
+
     def demos():
-        for task in tasks:
+        for done, task in enumerate(tasks):
             if task.env not in envs:
                 envs[task.env] = make_env(task.env, **env_kwargs(cfg).get(task.env, {}))
             yield demonstration(envs[task.env], task)
+            progress.update(done + 1, f"{report.kept} records")
 
     try:
         with ShardWriter(records_dir, cfg.records.records_per_shard) as writer:
@@ -96,7 +104,7 @@ def demo_records(cfg: Config, base_dir: Path, records_dir: Path) -> ScoreReport:
 
 def run_bootstrap(cfg: Config) -> dict[str, Any]:
     """`jobs/bootstrap_teacher.py`: build (or reuse) the bootstrapped teacher; returns its summary."""
-    from sad_ray.eval.agent_eval import evaluate_agent
+    from sad_ray.eval.agent_eval import EvalReport, evaluate_agent
     from sad_ray.method.losses import LossConfig
     from sad_ray.models.starter import resolve_model
     from sad_ray.stages import env_kwargs
@@ -135,20 +143,22 @@ def run_bootstrap(cfg: Config) -> dict[str, Any]:
                 trust_remote_code=cfg.models.trust_remote_code, precision=cfg.precision,
             )
             tracking.log_metrics({"train/final_loss": result.loss, "train/tokens_per_second": result.tokens_per_second})
-        with tracking.stage_run("eval", {"eval_tasks": cfg.bootstrap.eval_tasks}):
-            tasks = env_tasks(cfg, "test", cfg.bootstrap.eval_tasks)
-            evaluation = evaluate_agent(
-                result.student_dir, tasks, cfg.bootstrap.eval_engine, max_new_tokens=cfg.bootstrap.eval_max_new_tokens,
-                max_in_flight=cfg.bootstrap.eval_in_flight,
-                max_steps=cfg.bootstrap.eval_max_steps,
-                context_chars=cfg.rollout.context_chars, env_kwargs=env_kwargs(cfg), precision=cfg.precision)
-            metrics = evaluation.metrics("eval")
-            tracking.log_metrics(metrics)
-            (work / "eval.md").write_text(evaluation.table() + "\n")
-            import mlflow
+        evaluation = EvalReport()
+        if any(cfg.bootstrap.eval_tasks):  # none: the job that uses the teacher evaluates it (jobs/distill.py)
+            with tracking.stage_run("eval", {"eval_tasks": cfg.bootstrap.eval_tasks}):
+                tasks = env_tasks(cfg, "test", cfg.bootstrap.eval_tasks)
+                evaluation = evaluate_agent(
+                    result.student_dir, tasks, cfg.bootstrap.eval_engine,
+                    max_new_tokens=cfg.bootstrap.eval_max_new_tokens, max_in_flight=cfg.bootstrap.eval_in_flight,
+                    max_steps=cfg.bootstrap.eval_max_steps,
+                    context_chars=cfg.rollout.context_chars, env_kwargs=env_kwargs(cfg), precision=cfg.precision)
+                metrics = evaluation.metrics("eval")
+                tracking.log_metrics(metrics)
+                (work / "eval.md").write_text(evaluation.table() + "\n")
+                import mlflow
 
-            mlflow.log_artifact(str(work / "eval.md"))
-            mlflow.log_artifact(str(evaluation.write_episodes(work / "eval_episodes.jsonl")))
+                mlflow.log_artifact(str(work / "eval.md"))
+                mlflow.log_artifact(str(evaluation.write_episodes(work / "eval_episodes.jsonl")))
         manifest = {
             "settings_hash": digest, "base": str(base), "mlflow_run_id": run.info.run_id,
             "success_rate": {env: evaluation.success_rate(env) for env in cfg.bootstrap.envs

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sad_ray.config import Config, ConfigError, load_config
+from sad_ray.console import quiet_driver
 
 
 def main(run: Callable[[Config], dict[str, Any]], description: str, argv: Sequence[str] | None = None) -> int:
@@ -18,7 +19,7 @@ def main(run: Callable[[Config], dict[str, Any]], description: str, argv: Sequen
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=10")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request of an evaluation otherwise
+    quiet_driver()  # the libraries' chatter off the console (sad_ray/console.py)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

@@ -7,6 +7,7 @@ never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -80,6 +81,9 @@ class DataConfig:
     seed_episodes: int = 24
     # Longer trajectories are dropped (counted as too_long).
     max_tokens: int = 2048
+    # With source rollouts: when the teacher's rollouts keep fewer records than this, the tasks without records
+    # get the expert's demonstrations, scored by the teacher (0: never).
+    min_records: int = 0
 
     def __post_init__(self) -> None:
         if self.source == "jsonl" and not self.trajectories:
@@ -119,6 +123,9 @@ class BootstrapConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=360, batch_size=4, grad_accum=1, lr=2e-4, warmup_steps=4, schedule="cosine", checkpoint_every=20))
     register_as: str = "sad-ray-teacher"
+    # `models.teacher: auto` in jobs/distill.py builds this teacher when it does not exist yet (else auto falls
+    # back to the starter, which plays almost nothing). The default preset allows it.
+    auto: bool = False
 
     def __post_init__(self) -> None:
         if len(self.demos) != len(self.envs) or len(self.eval_tasks) != len(self.envs):
@@ -155,6 +162,41 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class ALFWorldSettings:
+    # A folder of ALFWorld's own games (what `alfworld-download` fetches: json_2.1.1/...). Empty: $ALFWORLD_DATA
+    # when set, else games generated offline into <cache_dir>/alfworld.
+    data_dir: str = ""
+
+
+@dataclass(frozen=True)
+class HotpotQASettings:
+    # HotPotQA's own questions: one file (split by id) or one per split ({train: hotpot_train_v1.1.json, test:
+    # ...}), with a corpus to search (corpus_path: {title: [sentences]} JSON); without one, each question's own
+    # `context` paragraphs. Empty: the built-in offline questions and corpus (countries, cities, states).
+    questions_path: str | dict[str, str] = ""
+    corpus_path: str = ""
+
+    def __post_init__(self) -> None:
+        if self.corpus_path and not self.questions_path:
+            raise ValueError("corpus_path needs questions_path: the built-in questions use the built-in corpus")
+
+
+@dataclass(frozen=True)
+class WebShopSettings:
+    num_products: int = 1000  # the offline catalogue's size and seed
+    catalogue_seed: int = 0
+
+
+@dataclass(frozen=True)
+class EnvironmentsConfig:
+    """Where each environment's tasks come from, for every stage that plays them (`environments.*`)."""
+
+    alfworld: ALFWorldSettings = field(default_factory=ALFWorldSettings)
+    hotpotqa: HotpotQASettings = field(default_factory=HotpotQASettings)
+    webshop: WebShopSettings = field(default_factory=WebShopSettings)
+
+
+@dataclass(frozen=True)
 class Config:
     # The one numeric precision of training autocast, every engine (vLLM, transformers, evaluation, serving) and
     # DeepSpeed. auto: bf16 where the hardware runs it natively (a CUDA device with bf16, or a CPU with
@@ -172,6 +214,7 @@ class Config:
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    environments: EnvironmentsConfig = field(default_factory=EnvironmentsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -183,6 +226,11 @@ def resolve_auto(cfg: Config) -> Config:
 
         home = bootstrapped_teacher_dir(Path(cfg.paths.cache_dir), cfg.bootstrap.name)
         teacher = f"bootstrap:{cfg.bootstrap.name}" if (home / TEACHER_MANIFEST).is_file() else "starter"
+        if teacher == "starter":
+            logging.getLogger(__name__).warning(
+                "models.teacher auto: no bootstrapped teacher %r in %s, so the untrained starter teaches (it wins "
+                "almost no task); build one with jobs/bootstrap_teacher.py or set bootstrap.auto: true",
+                cfg.bootstrap.name, home.parent)
     if source == "auto":
         source = "rollouts" if teacher.startswith("bootstrap") else "demos"
     return dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, teacher=teacher),
@@ -302,6 +350,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{key} has an unsupported type")
+    if origin is dict:  # e.g. Ray custom resources: {teacher_gpu: 1}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        key_type, value_type = get_args(tp)
+        return {_coerce(key_type, k, f"{key} key {k!r}"): _coerce(value_type, v, f"{key}.{k}")
+                for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")

@@ -32,6 +32,8 @@ from sad_ray.envs.seed import seed_episodes
 from sad_ray.records import (
     ShardWriter,
     check_teacher,
+    episode_id,
+    existing_ids,
     finished_episodes,
     iter_records,
     read_records,
@@ -200,8 +202,25 @@ def stage_records(cfg: Config, folders: TeacherFolders) -> ScoreReport:
 
     Records already in the folder must be this teacher's: another teacher's are refused, naming the file.
     """
-    if cfg.data.source == "rollouts":
-        return stage_rollouts(cfg, folders)
+    if cfg.data.source != "rollouts":
+        return score_stage(cfg, folders, finished_episodes(folders.records))
+    report = stage_rollouts(cfg, folders)
+    have = existing_ids(folders.records)
+    if len(have) < cfg.data.min_records:
+        # A weak teacher keeps few of its episodes: the tasks it failed get the expert's demonstration instead,
+        # scored by the same teacher (its logits on a good trajectory: still its distribution to distill).
+        log.warning("records: the teacher's rollouts kept %d records, fewer than data.min_records (%d); the "
+                    "tasks without records get the expert's demonstrations, scored by the teacher",
+                    len(have), cfg.data.min_records)
+        more = score_stage(cfg, folders, {episode_id(i) for i in have})
+        report.kept += more.kept
+        report.dropped.update(more.dropped)
+    return report
+
+
+def score_stage(cfg: Config, folders: TeacherFolders, done: set[str]) -> ScoreReport:
+    """The teacher's top-k on the configured episodes (demonstrations, a jsonl file or the seed set) not in
+    `done`, written as records."""
     from transformers import AutoTokenizer
 
     from sad_ray.models.tokenizers import tokenizer_fingerprint
@@ -211,7 +230,6 @@ def stage_records(cfg: Config, folders: TeacherFolders) -> ScoreReport:
     teacher, records_dir = folders.teacher, folders.records
     report = ScoreReport()
     with tracking.stage_run("records", {"top_k": cfg.records.top_k, "format": cfg.segment.format}):
-        done = finished_episodes(records_dir)
         todo = [e for e in episodes_for(cfg) if e.id not in done]
         log.info("records: %d episodes to score, %d already done", len(todo), len(done))
         if todo:
@@ -234,7 +252,26 @@ def stage_records(cfg: Config, folders: TeacherFolders) -> ScoreReport:
 
 
 def env_kwargs(cfg: Config) -> dict[str, dict]:
-    return {"alfworld": {"cache_dir": str(Path(cfg.paths.cache_dir).expanduser() / "alfworld")}}
+    """Each environment's constructor arguments from `environments.*` (see sad_ray/config.py)."""
+    from sad_ray.envs.alfworld.env import env_data_dir
+
+    e = cfg.environments
+    # ALFWorld: the configured folder, else $ALFWORLD_DATA (read by the environment, which names it in errors),
+    # else games generated into the cache.
+    if e.alfworld.data_dir:
+        alfworld = {"data_dir": str(Path(e.alfworld.data_dir).expanduser()),
+                    "data_setting": "environments.alfworld.data_dir"}
+    elif env_data_dir() is not None:
+        alfworld = {}
+    else:
+        alfworld = {"cache_dir": str(Path(cfg.paths.cache_dir).expanduser() / "alfworld")}
+    questions = e.hotpotqa.questions_path
+    hotpotqa = ({"questions_path": ({split: str(Path(p).expanduser()) for split, p in questions.items()}
+                                    if isinstance(questions, dict) else str(Path(questions).expanduser())),
+                 "corpus_path": str(Path(e.hotpotqa.corpus_path).expanduser()) if e.hotpotqa.corpus_path else None}
+                if e.hotpotqa.questions_path else {})
+    webshop = {"num_products": e.webshop.num_products, "catalogue_seed": e.webshop.catalogue_seed}
+    return {"alfworld": alfworld, "hotpotqa": hotpotqa, "webshop": webshop}
 
 
 def stage_rollouts(cfg: Config, folders: TeacherFolders) -> ScoreReport:
@@ -332,6 +369,14 @@ def run_distill(cfg: Config, serve_models: ServeModels | None = None) -> dict:
     import torch
 
     torch.set_num_threads(cfg.train.threads)
+    built = None
+    if cfg.models.teacher == "auto" and cfg.bootstrap.auto:
+        # The preset allows building the teacher it wants (reused once built with the same settings).
+        from sad_ray.bootstrap import run_bootstrap
+
+        log.info("distill: models.teacher auto with bootstrap.auto: the bootstrapped teacher %r first",
+                 cfg.bootstrap.name)
+        built = run_bootstrap(cfg)
     cfg = resolve_auto(cfg)
     log.info("distill: teacher %s, trajectories from %s", cfg.models.teacher, cfg.data.source)
     out = Path(cfg.paths.output_dir).expanduser()
@@ -357,6 +402,8 @@ def run_distill(cfg: Config, serve_models: ServeModels | None = None) -> dict:
             "records_written_now": report.kept,
             "dropped": dict(report.dropped),
             "train": summary,
+            **({"bootstrap": {k: built.get(k) for k in ("teacher", "reused", "success_rate", "eval_episodes",
+                                                         "mlflow_run_id")}} if built else {}),
             **({"eval": evaluation} if evaluation is not None else {}),
         }
 

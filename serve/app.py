@@ -453,7 +453,8 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
         options: dict[str, Any] = {
             "name": deployment_name(spec, i), "max_ongoing_requests": spec.max_ongoing_requests,
             "max_queued_requests": spec.max_queued_requests,
-            "ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
+            "ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus,
+                                  **({"resources": spec.resources} if spec.resources else {})},
         }
         if spec.autoscaling is not None:
             options["autoscaling_config"] = spec.autoscaling.model_dump()

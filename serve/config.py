@@ -56,6 +56,11 @@ class ModelSpec(_Strict):
     max_queued_requests: int = Field(-1, ge=-1)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    # Custom Ray resources per replica, e.g. {teacher_gpu: 1} to land on cluster.yaml's gpu-teacher nodes.
+    resources: dict[str, float] = Field(default_factory=dict)
+    # GPUs one vLLM engine spans (vLLM's own multiprocessing workers on the replica's node); num_gpus must cover
+    # them. The CPU build has no tensor parallelism: 1 there.
+    tensor_parallel_size: int = Field(1, ge=1)
     max_model_len: int = Field(4096, ge=16)
     kv_cache_gib: float = Field(2.0, gt=0)
     enforce_eager: bool = True
@@ -71,6 +76,21 @@ class ModelSpec(_Strict):
 
         check_kv_cache_gib(value)
         return value
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        from sad_ray.train.ray_train import check_resources
+
+        check_resources("resources", value)
+        return value
+
+    @model_validator(mode="after")
+    def _gpus_cover_tensor_parallel(self) -> ModelSpec:
+        if self.tensor_parallel_size > 1 and self.num_gpus < self.tensor_parallel_size:
+            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs num_gpus >= "
+                             f"{self.tensor_parallel_size} per replica, got {self.num_gpus:g}")
+        return self
 
     @model_validator(mode="after")
     def _default_name(self) -> ModelSpec:

@@ -156,7 +156,7 @@ class VLLMAsyncEngine:
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
             model=str(model_dir), dtype=dtype_name(self.precision), enforce_eager=spec.enforce_eager,
             max_model_len=spec.max_model_len, trust_remote_code=spec.trust_remote_code, load_format="safetensors",
-            tensor_parallel_size=1, seed=0, disable_log_stats=True,
+            tensor_parallel_size=spec.tensor_parallel_size, seed=0, disable_log_stats=True,
         ))
         self.tokenizer = self.engine.get_tokenizer()
         self._closed = False

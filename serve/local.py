@@ -15,6 +15,7 @@ import secrets
 import socket
 from collections.abc import Iterator, Mapping
 
+from sad_ray.console import init_ray
 from serve.app import APP_NAME, build_app
 from serve.config import AppArgs
 
@@ -37,8 +38,7 @@ def serving(args: AppArgs, host: str = "127.0.0.1", port: int = 0, access_log: b
     # Serve holds a shutting-down proxy open for load balancers (30 s by default); none balances a job's app.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    init_ray()
     port = port or free_port(host)
     serve.start(http_options={"host": host, "port": port})
     try:
@@ -58,7 +58,8 @@ def eval_app_args(cfg, models: Mapping[str, str], api_key: str | None) -> AppArg
     the rollouts' context window and segmentation, so a served agent sees what a rollout shows it."""
     e = cfg.eval
     specs = [{"source": source, "name": name, "engine": e.engine, "num_replicas": e.replicas, "num_cpus": e.num_cpus,
-              "num_gpus": e.num_gpus, "max_model_len": e.max_model_len, "kv_cache_gib": e.kv_cache_gib,
+              "num_gpus": e.num_gpus, "resources": dict(e.resources), "tensor_parallel_size": e.tensor_parallel_size,
+              "max_model_len": e.max_model_len, "kv_cache_gib": e.kv_cache_gib,
               "max_ongoing_requests": max(32, e.in_flight), "trust_remote_code": cfg.models.trust_remote_code}
              for name, source in models.items()]
     return AppArgs.model_validate({
@@ -95,7 +96,6 @@ def deploy(cfg, models: Mapping[str, str]) -> str:
     """`serve.keep`: serve `models` on `serve.host:port` and leave them served. On a cluster this job only joined
     (`ray job submit`) the app outlives the job; when the job started Ray itself, it serves until interrupted.
     Without `serve.keep`, the command that serves them is returned for the summary instead."""
-    import ray
     from ray import serve
 
     command = serve_command(cfg, models)
@@ -106,8 +106,7 @@ def deploy(cfg, models: Mapping[str, str]) -> str:
     # A submitted job (or one given an address) leaves the app on its cluster; a plain `python jobs/distill.py`
     # owns its local Ray, which ends with it, so it keeps serving until interrupted.
     own_cluster = not (os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_ADDRESS"))
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    init_ray()
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/", logging_config={"enable_access_log": False})
     url = f"http://{cfg.serve.host}:{cfg.serve.port}/v1"

@@ -168,6 +168,16 @@ def test_cluster_config_fits_the_cluster() -> None:
     assert cfg.rollout.actors * cfg.rollout.gpus_per_actor <= teacher["max_workers"] * teacher["resources"]["GPU"]
     assert 2 * cfg.eval.replicas * cfg.eval.num_gpus <= teacher["max_workers"] * teacher["resources"]["GPU"]
     assert cfg.train.num_workers <= train["max_workers"] * train["resources"]["GPU"]
+    assert cfg.train.cpus_per_worker * train["resources"]["GPU"] <= train["resources"]["CPU"]
+    # Each stage asks for its node type's mark, one unit per GPU it takes, so nothing lands on the other type.
+    assert cfg.rollout.resources_per_actor == {"teacher_gpu": cfg.rollout.gpus_per_actor}
+    assert cfg.train.resources_per_worker == {"train_gpu": 1}
+    assert cfg.eval.resources == {"teacher_gpu": cfg.eval.num_gpus}
+    from serve.local import eval_app_args
+
+    for spec in eval_app_args(cfg, {"teacher": cfg.models.teacher, "student": "/s/student"}, None).models:
+        assert spec.resources == {"teacher_gpu": cfg.eval.num_gpus}
+        assert spec.tensor_parallel_size <= spec.num_gpus
     assert any("mount" in c and f" {SHARED})" in c for c in nodes["setup_commands"]), "the shared filesystem"
 
 
@@ -257,3 +267,23 @@ def test_hub_repo_without_safetensors_is_refused(tmp_path: Path, monkeypatch: py
         resolve_model("org/pickled", tmp_path)
     assert not (tmp_path / "hub" / "org" / "pickled").exists()
     assert starter.hub_model_dir(tmp_path, "org/pickled") == tmp_path / "hub" / "org" / "pickled"
+
+
+def test_eval_students_take_hub_ids(offline, tmp_path: Path) -> None:
+    """`eval.students` names a Hub model like `models.student` does: from the cache when it is there, else a clear
+    download error; a name that is none of the three kinds says which kinds there are."""
+    from sad_ray.eval.job import student_agents
+
+    cached = tmp_path / "hub" / "sad-ray-test" / "tiny"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")
+    (cached / HUB_MANIFEST).write_text(json.dumps({"repo_id": "sad-ray-test/tiny", "files": ["config.json"]}))
+    cfg = load_config(None, [f"paths.cache_dir={tmp_path}", "eval.students=[sad-ray-test/tiny, models:/s/1]"])
+    agents = student_agents(cfg, tmp_path / "students")
+    assert [(a.name, a.source) for a in agents] == [("tiny", str(cached)), ("s-v1", "models:/s/1")]
+    with pytest.raises(HubDownloadError, match="'sad-ray-test/absent' is not a local directory"):
+        student_agents(load_config(None, [f"paths.cache_dir={tmp_path}", "eval.students=[sad-ray-test/absent]"]),
+                       tmp_path / "students")
+    with pytest.raises(FileNotFoundError, match=r"eval.students: \./nowhere/x/y is neither .* nor a Hugging Face"):
+        student_agents(load_config(None, [f"paths.cache_dir={tmp_path}", "eval.students=[./nowhere/x/y]"]),
+                       tmp_path / "students")

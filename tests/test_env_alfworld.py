@@ -279,6 +279,18 @@ def test_real_data_folders_without_playable_games_are_errors_naming_them(env, ca
     monkeypatch.setenv("ALFWORLD_DATA", str(data))
     assert len(ALFWorldEnv().tasks("train", 5)) == 1
 
+    # The jobs' config: $ALFWORLD_DATA is not shadowed by the generated games' cache, and a folder set in the
+    # config is named by its key.
+    from sad_ray.config import load_config
+    from sad_ray.envs import make_env
+    from sad_ray.stages import env_kwargs
+
+    job_env = make_env("alfworld", **env_kwargs(load_config(None, [f"paths.cache_dir={tmp_path / 'cache'}"]))["alfworld"])
+    assert len(job_env.tasks("train", 5)) == 1
+    monkeypatch.delenv("ALFWORLD_DATA")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"environments.alfworld.data_dir {empty} has no ALFWorld")):
+        make_env("alfworld", **env_kwargs(load_config(None, [f"environments.alfworld.data_dir={empty}"]))["alfworld"])
+
 
 def test_planner_plan_is_an_oracle(env):
     for task in env.tasks("train", 2, ["pick_and_place_simple"]):

@@ -322,6 +322,15 @@ def test_real_hotpotqa_questions_and_corpus(tmp_path):
     assert demonstration(env, comparison).reward == 1.0
     assert env.expert(comparison) == ["search[Scott Derrickson]", "search[Ed Wood]", "finish[yes]"]
 
+    # The same files through the jobs' config.
+    from sad_ray.config import load_config
+    from sad_ray.envs import make_env
+    from sad_ray.stages import env_kwargs
+
+    cfg = load_config(None, [f"environments.hotpotqa.questions_path={{test: {qpath}}}",
+                             f"environments.hotpotqa.corpus_path={cpath}"])
+    assert len(make_env("hotpotqa", **env_kwargs(cfg)["hotpotqa"]).corpus) == 6
+
     env.reset(comparison)
     env.step("search[Ed Wood (film)]")
     miss = env.step("search[Ed]").observation

@@ -58,6 +58,13 @@ def test_distill_runs_under_ray_job_submit(cluster, tmp_path, starter_dir):
     assert "succeeded" in log, log[-3000:]
     # The job's own summary, printed on the cluster and streamed back.
     assert "Evaluation through the Serve app" in log and "| teacher | 135M |" in log, log[-3000:]
+    # A console a person can follow: the train worker's progress relayed to the driver, and none of Ray's actor
+    # chatter (train controller, Ray Data, replicas), deprecation warnings or weight-loading bars; those stay in
+    # Ray's log folder.
+    assert "(train worker 0) train sad-seed0-" in log and "step 2/2" in log, log[-3000:]
+    for noise in ("(TrainController", "(RayTrainWorker", "(SplitCoordinator", "(ServeReplica", "DeprecationWarning",
+                  "Loading weights", "Requesting resources", "Creating initial MLflow database tables"):
+        assert noise not in log, f"{noise!r} on the console:\n{log[-6000:]}"
     (teacher,) = out.glob("teacher-*")
     assert (teacher / "students" / "sad-seed0" / "sad_ray_train.json").is_file()
     episodes = [json.loads(line) for line in (teacher / "eval" / "episodes.jsonl").read_text().splitlines()]

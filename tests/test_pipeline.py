@@ -286,3 +286,22 @@ def test_hf_engine_scores_match_the_full_distribution(starter_dir, starter_token
     np.testing.assert_array_equal(ids, ref_ids.numpy())
     np.testing.assert_allclose(lp, ref_lp.numpy(), atol=1e-4)
     np.testing.assert_allclose(np.exp(tail), 1 - ref_lp.exp().sum(-1).numpy(), atol=1e-4)
+
+
+def test_a_teacher_that_keeps_too_few_rollouts_is_topped_up_with_scored_demonstrations(tmp_path):
+    """The untrained starter wins no WebShop task in one step: every rollout is dropped, and with
+    data.min_records the failed tasks get the expert's demonstrations, scored by the same teacher."""
+    from sad_ray.records import dropped_episodes, episode_id
+
+    cfg = small_config(tmp_path, "data.source=rollouts", "data.envs=[webshop]", "data.min_records=2",
+                       "rollout.envs=[webshop]", "rollout.tasks_per_env=2", "rollout.max_steps=1",
+                       "rollout.engine.kind=hf", "rollout.cpus_per_actor=1", "train.steps=1")
+    summary = run_distill(cfg)
+    records = read_records(summary["records"])
+    assert set(dropped_episodes(summary["records"]).values()) == {"failed_episode"}
+    played = set(dropped_episodes(summary["records"]))
+    assert {episode_id(r.id) for r in records} == played and len(played) == 2  # the same tasks, demonstrated
+    assert all(r.success and r.teacher_model == summary["teacher_id"] for r in records)
+    assert summary["records_written_now"] == len(records) >= 2 and summary["train"]["steps"] == 1
+    # A rerun finds enough records: nothing is played or scored again.
+    assert run_distill(cfg)["records_written_now"] == 0

@@ -200,11 +200,14 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path, data, refere
     assert_same_as_reference(reference, uri, run_id, Path(out["student"]), rtol=1e-4, grad_rtol=1e-4, atol=1e-5)
 
 
-def test_two_ddp_workers_train_on_disjoint_shards(tmp_path, data):
+def test_two_ddp_workers_train_on_disjoint_shards(tmp_path, data, caplog):
+    import logging
+
     import torch
 
     from sad_ray.records import read_records
 
+    caplog.set_level(logging.INFO, logger="sad_ray")
     # Gradient checkpointing under DDP: recomputation must not break gradient synchronisation.
     settings = TrainConfig(steps=4, batch_size=2, lr=1e-3, checkpoint_every=2, num_workers=2,
                                cpus_per_worker=0.5, threads=1, gradient_checkpointing=True)
@@ -217,6 +220,10 @@ def test_two_ddp_workers_train_on_disjoint_shards(tmp_path, data):
     assert not set(shards[0]) & set(shards[1])
     assert set(shards[0]) | set(shards[1]) == {r.id for r in read_records(data / "records")}
     assert (ckpt / "state.pt").is_file() and (ckpt / "hf" / "config.json").is_file()
+    # Both workers' log lines reach the driver (Ray's own forwarding is off), rank 0's progress with them.
+    relayed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("(train worker ")]
+    assert any(m.startswith("(train worker 0) train train-") and "step 4/4" in m for m in relayed), relayed
+    assert any(m.startswith("(train worker 1) precision for training (rank 1)") for m in relayed), relayed
 
 
 # -------------------------------------------------------------------------------- set-up errors, before Ray

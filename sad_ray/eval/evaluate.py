@@ -57,6 +57,8 @@ class EvalConfig:
     replicas: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per replica ({teacher_gpu: 1})
+    tensor_parallel_size: int = 1  # GPUs per engine; num_gpus must cover them
     max_model_len: int = 4096
     kv_cache_gib: float = 2.0
 
@@ -75,6 +77,12 @@ class EvalConfig:
             raise ValueError(f"cot_threshold must be in (0, 1], got {self.cot_threshold}")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        from sad_ray.train.ray_train import check_resources
+
+        check_resources("resources", self.resources)
+        if self.tensor_parallel_size < 1 or (self.tensor_parallel_size > 1 and self.num_gpus < self.tensor_parallel_size):
+            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs num_gpus >= it per replica, "
+                             f"got {self.num_gpus:g}")
         if self.in_flight < 1 or self.max_new_tokens < 1 or self.resamples < 100:
             raise ValueError("in_flight and max_new_tokens must be >= 1, resamples >= 100")
         if self.forced_steps_per_episode < 0 or self.forced_episodes < -1:
@@ -149,14 +157,20 @@ def play_agent(engine: Engine, tasks: Sequence[Task], cfg: EvalConfig, context_c
     """Every task played to its end, greedily; episodes in the order of `tasks`."""
     from sad_ray.envs import make_env
 
-    limit = {} if cfg.max_steps is None else {"max_steps": cfg.max_steps}
     kwargs = env_kwargs or {}
+
+    def env_of(name: str):
+        env = make_env(name, **kwargs.get(name, {}))
+        if cfg.max_steps is not None:  # a cap on the environment's own limit, never a raise of it
+            env.max_steps = min(env.max_steps, cfg.max_steps)
+        return env
+
     play_cfg = PlayConfig(max_in_flight=cfg.in_flight, context_chars=context_chars,
                           sampling=SamplingConfig(temperature=0.0, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed))
     order = {t.id: i for i, t in enumerate(tasks)}
     episodes: list[Episode] = []
     start = time.perf_counter()
-    for ep in play(engine, lambda name: make_env(name, **{**limit, **kwargs.get(name, {})}), tasks, play_cfg, stats):
+    for ep in play(engine, env_of, tasks, play_cfg, stats):
         episodes.append(ep)
         elapsed = time.perf_counter() - start
         log.info("eval %s: %d/%d episodes (%s %s in %d steps), %.0f s, ~%.0f s left", engine.model_id,

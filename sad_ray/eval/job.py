@@ -62,7 +62,7 @@ def agent_key(agent: Agent, cfg: Config, tasks: Sequence[str], reference_key: st
     else:
         model = model_fingerprint(agent.source)
     settings = {k: v for k, v in asdict(cfg.eval).items()
-                if k not in ("enabled", "students", "replicas", "num_cpus", "num_gpus", "confidence", "resamples")}
+                if k not in ("enabled", "students", "replicas", "num_cpus", "num_gpus", "resources", "confidence", "resamples")}
     key = {"model": model, "eval": settings, "tasks": list(tasks), "precision": cfg.precision,
            "context_chars": cfg.rollout.context_chars, "segment": asdict(cfg.segment), "reference": reference_key}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -212,15 +212,24 @@ def _log_to_mlflow(table: Sequence[report.Row], files: Sequence[Path]) -> None:
 
 
 def student_agents(cfg: Config, students_root: Path) -> list[Agent]:
-    """`eval.students`, or every finished student under the teacher's `students/` folder."""
+    """`eval.students`, or every finished student under the teacher's `students/` folder. A student may be a model
+    directory, an MLflow registry URI, or a Hugging Face Hub id (downloaded once into `<cache_dir>/hub`)."""
+    from sad_ray.models.starter import is_hub_id, resolve_model
+
     if cfg.eval.students:
         out = []
         for source in cfg.eval.students:
             path = Path(source).expanduser()
-            if not source.startswith("models:/") and not (path / "config.json").is_file():
-                raise FileNotFoundError(f"eval.students: {source} is neither a model directory (no config.json) "
-                                        "nor an MLflow registry URI (models:/<name>/<version> or @<alias>)")
-            out.append(Agent(_agent_name(source), source if source.startswith("models:/") else str(path)))
+            if source.startswith("models:/"):
+                out.append(Agent(_agent_name(source), source))
+                continue
+            if not (path / "config.json").is_file() and is_hub_id(source):
+                path = resolve_model(source, Path(cfg.paths.cache_dir).expanduser())
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"eval.students: {source} is neither a model directory (no config.json), "
+                                        "an MLflow registry URI (models:/<name>/<version> or @<alias>) nor a "
+                                        "Hugging Face Hub id (<org>/<name>)")
+            out.append(Agent(_agent_name(source), str(path)))
         return out
     found = sorted(p for p in students_root.glob("*") if (p / "sad_ray_train.json").is_file())
     return [Agent(f"student-{p.name}", str(p)) for p in found]

@@ -52,6 +52,8 @@ class RolloutConfig:
     # Fractional CPUs keep the actor pool from starving other Ray work on a 2-core box (STACK.md deadlock).
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    # Custom Ray resources per actor: {teacher_gpu: 2} keeps the engines on cluster.yaml's gpu-teacher nodes.
+    resources_per_actor: dict[str, float] = field(default_factory=dict)
     tasks_per_batch: int = 8
     max_in_flight: int = 8
     max_steps: int = 30
@@ -71,6 +73,9 @@ class RolloutConfig:
             raise ValueError("actors, tasks_per_env, tasks_per_batch and max_in_flight must be >= 1")
         if self.cpus_per_actor <= 0 and self.gpus_per_actor <= 0:
             raise ValueError("an actor needs cpus_per_actor > 0 or gpus_per_actor > 0")
+        from sad_ray.train.ray_train import check_resources
+
+        check_resources("resources_per_actor", self.resources_per_actor)
 
 
 @dataclass(frozen=True)
@@ -225,8 +230,9 @@ def run_rollouts(
         log.info("rollout: all %d tasks are done in %s (%d of them dropped)", len(all_tasks), out_dir,
                  report.skipped_dropped)
         return report
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    from sad_ray.console import Progress, init_ray
+
+    init_ray()
     ds = ray.data.from_items([asdict(t) for t in todo]).map_batches(
         RolloutActor,
         fn_constructor_args=(str(teacher_dir), cfg, seg, env_kwargs, precision),
@@ -235,10 +241,14 @@ def run_rollouts(
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor or None,
+        **({"resources": dict(cfg.resources_per_actor)} if cfg.resources_per_actor else {}),
     )
+    progress = Progress("rollout", len(todo), "episodes")
     with ShardWriter(out_dir, records_per_shard) as writer:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             _write_batch(batch.to_pylist(), writer, report)
+            played = sum(report.episodes_by_env.values())
+            progress.update(played, f"won {sum(report.won_by_env.values())}, {report.written} records")
     report.shards = [str(p) for p in writer.written]
     report.seconds = time.perf_counter() - start
     return report

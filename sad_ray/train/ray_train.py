@@ -21,13 +21,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from sad_ray.atomic import replace_dir
+from sad_ray.console import clock
 from sad_ray.method.curriculum import CurriculumConfig
 from sad_ray.method.losses import LossConfig
 from sad_ray.records import shard_paths
@@ -61,6 +62,9 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # Custom Ray resources each worker also asks for: {train_gpu: 1} keeps the workers on the nodes that offer
+    # train_gpu (cluster.yaml's gpu-train type), away from the teacher's.
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
     # Recompute each decoder layer's activations in backward instead of keeping them: activation memory falls from
     # O(layers x batch x tokens) to about one layer's worth, for more compute. Same gradients, same run.
     gradient_checkpointing: bool = False
@@ -79,6 +83,17 @@ class TrainConfig:
             raise ValueError("lr and grad_clip must be > 0, warmup_steps and max_failures >= 0")
         if not self.use_gpu and self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker must be > 0 without GPUs, got {self.cpus_per_worker}")
+        check_resources("resources_per_worker", self.resources_per_worker)
+
+
+def check_resources(name: str, resources: dict[str, float]) -> None:
+    """Custom resources by name: CPU and GPU have settings of their own, and amounts are >= 0."""
+    for key, amount in resources.items():
+        if key in ("CPU", "GPU", "memory"):
+            raise ValueError(f"{name}.{key}: CPU, GPU and memory have settings of their own; {name} is for "
+                             f"custom resources such as teacher_gpu or train_gpu")
+        if amount < 0:
+            raise ValueError(f"{name}.{key} must be >= 0, got {amount}")
 
 
 @dataclass(frozen=True)
@@ -323,12 +338,14 @@ def train_loop(config: dict[str, Any]) -> None:
     """The per-worker loop (Ray Train calls it on every worker): draw, step, re-weight, log, checkpoint."""
     import ray.train
 
+    from sad_ray.console import attach
     from sad_ray.precision import host_summary
     from sad_ray.train.step import curriculum_step, peak_memory_gb
 
     s: TrainConfig = config["settings"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    attach(config.get("relay"), f"train worker {rank}")  # our log lines reach the driver's console
     w = _setup_worker(config, rank, world)
     sink = _MetricsSink(config.get("tracking_uri"), config.get("run_id") if rank == 0 else None)
     step = 0
@@ -366,7 +383,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
 class _Progress:
     """One line a person can follow, at most every `every` seconds (and at the last step): step n/total, loss,
-    tokens/s, elapsed and time left at the rate so far. Logged by rank 0; Ray shows it on the driver's console."""
+    tokens/s, elapsed and time left at the rate so far. Logged by rank 0, relayed to the driver's console."""
 
     def __init__(self, run: str, first: int, total: int, every: float = 15.0) -> None:
         self.run, self.first, self.total, self.every = run, first, total, every
@@ -379,16 +396,9 @@ class _Progress:
         self.last = now
         done = step - self.first
         left = (now - self.t0) / done * (self.total - step) if done else float("nan")
-        # (a logger, not print: Ray Train shows a worker's print twice on the driver)
+        # (a logger, not print: sad_ray.console relays our loggers' records to the driver)
         log.info("train %s: step %d/%d  loss %.3f  %.0f tok/s  %s elapsed, ~%s left", self.run, step, self.total, loss,
-                 tokens_per_s, _clock(now - self.t0), _clock(left))
-
-
-def _clock(seconds: float) -> str:
-    if seconds != seconds:
-        return "?"
-    m, sec = divmod(int(round(seconds)), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{sec:02d}s"
+                 tokens_per_s, clock(now - self.t0), clock(left))
 
 
 def _checkpoint(run: str, step: int, w: _Worker, rank: int, metrics: dict[str, float], final: bool,
@@ -516,7 +526,7 @@ class TrainResult:
 # Settings that change how a run goes but not what it computes: toggling one resumes the same run (e.g. turning on
 # gradient checkpointing after an out-of-memory kill).
 NOT_IN_RESULT = ("max_failures", "keep_checkpoints", "log_every", "checkpoint_every", "threads",
-                 "gradient_checkpointing")
+                 "gradient_checkpointing", "cpus_per_worker", "resources_per_worker")
 
 
 def result_settings(settings: TrainConfig) -> dict[str, Any]:
@@ -549,17 +559,22 @@ def _deterministic_shards():
 def _check_resources(s: TrainConfig) -> None:
     import ray
 
-    cpus = ray.cluster_resources().get("CPU", 0)
+    from sad_ray.console import started_local_cluster
+
+    have = ray.cluster_resources()
     # Ray Data's read tasks need a little CPU beside the workers (STACK.md: 2 workers x 1 CPU + a reader hang).
-    need = s.num_workers * s.cpus_per_worker + 0.25
-    if not s.use_gpu and need > cpus:
+    need = {"CPU": s.num_workers * s.cpus_per_worker + 0.25, "GPU": s.num_workers if s.use_gpu else 0,
+            **{k: v * s.num_workers for k, v in s.resources_per_worker.items()}}
+    short = {k: v for k, v in need.items() if v > have.get(k, 0)}
+    if not short:
+        return
+    what = ", ".join(f"{k} {v:g} (the cluster has {have.get(k, 0):g})" for k, v in short.items())
+    if started_local_cluster():  # nothing will join this one: the run would wait forever
         raise TrainSetupError(
-            f"train.num_workers ({s.num_workers}) x train.cpus_per_worker ({s.cpus_per_worker}) leaves no CPU for "
-            f"reading records on this cluster ({cpus:g} CPUs); lower train.cpus_per_worker (fractions are fine)"
-        )
-    if s.use_gpu and ray.cluster_resources().get("GPU", 0) < s.num_workers:
-        raise TrainSetupError(f"train.use_gpu with {s.num_workers} workers, but the cluster has "
-                              f"{ray.cluster_resources().get('GPU', 0):g} GPUs")
+            f"train.num_workers ({s.num_workers}) workers need {what}: lower train.cpus_per_worker (fractions are "
+            f"fine; reading records needs 0.25 CPU beside the workers), train.num_workers or "
+            f"train.resources_per_worker")
+    log.warning("train: %d workers need %s; waiting for the cluster's autoscaler to add nodes", s.num_workers, what)
 
 
 def train_on_records(
@@ -590,6 +605,8 @@ def train_on_records(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from sad_ray.console import init_ray, relay
+
     out_dir = Path(out_dir).expanduser().resolve()
     final = Path(final_dir).expanduser().resolve() if final_dir is not None else out_dir / "student"
     done_marker = final / "sad_ray_train.json"
@@ -611,36 +628,37 @@ def train_on_records(
     if settings.strategy == "deepspeed" and not settings.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path("~/.cache/sad-ray/torch_extensions").expanduser()))
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=True)
+    init_ray()
     _check_resources(settings)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     # Each worker keeps the rows of `settings.split` from its own shard (see _load_shard).
     dataset = ray.data.read_parquet([str(p) for p in shard_paths(records_dir)], num_cpus=0.25)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "settings": settings, "loss": loss_cfg, "curriculum": curriculum_cfg, "bounds": summary.bounds,
-            "student_dir": str(Path(student_dir).resolve()), "vocab_size": vocab,
-            "tracking_uri": _absolute_tracking_uri(tracking_uri) if tracking_uri else None,
-            "run_id": mlflow_run_id, "precision": precision,
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=settings.num_workers, use_gpu=settings.use_gpu,
-            resources_per_worker={"CPU": settings.cpus_per_worker} if not settings.use_gpu else None,
-        ),
-        run_config=ray.train.RunConfig(
-            name=f"{run_name}-{run_id}", storage_path=str(out_dir / "ray_train"),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
-            worker_runtime_env={"env_vars": {k: os.environ[k] for k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")
-                                             if k in os.environ}},
-        ),
-        datasets={"train": dataset},
-        dataset_config=_deterministic_shards(),
-    )
-    result = trainer.fit()
+    with relay() as console:  # the workers' log lines, shown on this console
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={
+                "settings": settings, "loss": loss_cfg, "curriculum": curriculum_cfg, "bounds": summary.bounds,
+                "student_dir": str(Path(student_dir).resolve()), "vocab_size": vocab,
+                "tracking_uri": _absolute_tracking_uri(tracking_uri) if tracking_uri else None,
+                "run_id": mlflow_run_id, "precision": precision, "relay": console,
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=settings.num_workers, use_gpu=settings.use_gpu,
+                # With GPUs Ray Train adds {"GPU": 1}; the CPUs are still asked for (data loading, the tokenizer).
+                resources_per_worker={"CPU": settings.cpus_per_worker, **settings.resources_per_worker},
+            ),
+            run_config=ray.train.RunConfig(
+                name=f"{run_name}-{run_id}", storage_path=str(out_dir / "ray_train"),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
+                failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+                worker_runtime_env={"env_vars": {k: os.environ[k] for k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")
+                                                 if k in os.environ}},
+            ),
+            datasets={"train": dataset},
+            dataset_config=_deterministic_shards(),
+        )
+        result = trainer.fit()
     if result.error is not None:
         raise result.error
     with result.checkpoint.as_directory() as d:

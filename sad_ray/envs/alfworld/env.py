@@ -63,10 +63,10 @@ class ALFWorldEnv(Environment):
     task_types = TASK_TYPES
 
     def __init__(self, cache_dir: str | Path | None = None, data_dir: str | Path | None = None,
-                 max_steps: int = 50) -> None:
+                 max_steps: int = 50, data_setting: str = "data_dir") -> None:
         super().__init__()
         self.max_steps = max_steps
-        setting = "data_dir"
+        setting = data_setting  # what errors about the folder call it
         if data_dir is None and cache_dir is None:
             data_dir, setting = env_data_dir(), "$ALFWORLD_DATA"
         self.store: GeneratedGames | ALFWorldData = (ALFWorldData(data_dir, setting) if data_dir

@@ -38,11 +38,13 @@ THOUGHTS: dict[str, tuple[str, ...]] = {
         "{task} I don't see {a_obj} yet. It is probably in {likely}, so I'll check {recep} first.",
         "{task} Step one is finding {a_obj}. I'll search {likely}, beginning with {recep}.",
     ),
+    # {left}: the places not searched yet, in search order ("cabinet (5-8), fridge (1)"): a searcher that says
+    # what is left never walks to a cabinet 9 of a room with eight.
     "miss": (
-        "There is no {obj} in {prev}{seen}. Next I will check {recep}.",
-        "{Prev} has no {obj}{seen}. Let me try {recep}.",
-        "No {obj} at {prev}{seen}. {Recep} is the next likely place.",
-        "Nothing I need in {prev}{seen}. I'll keep looking for {a_obj} at {recep}.",
+        "There is no {obj} in {prev}{seen}. Left to search: {left}. Next I will check {recep}.",
+        "{Prev} has no {obj}{seen}. Still unsearched: {left}. Let me try {recep}.",
+        "No {obj} at {prev}{seen}. Not yet searched: {left}. {Recep} is the next likely place.",
+        "Nothing I need in {prev}{seen}. Left: {left}. I'll keep looking for {a_obj} at {recep}.",
     ),
     "open": (
         "{Recep} is closed. I will open it and look inside.",
@@ -186,7 +188,8 @@ class _Explorer:
             if r in self.known:
                 continue
             if prev:
-                self.inspect(r, "miss", prev=prev, seen=self.seen_text(prev), **fields)
+                left = self.likely([x for x in order if x not in self.known], 3)
+                self.inspect(r, "miss", prev=prev, seen=self.seen_text(prev), left=left, **fields)
             else:
                 self.inspect(r, kind, **fields)
             prev, hit = r, self.in_sight(cls, ok)
