@@ -72,6 +72,17 @@ def test_bootstrap_trains_evaluates_registers_and_is_reused(tmp_path, base):
     after = resolve_auto(cfg)
     assert (after.models.teacher, after.data.source) == ("bootstrap:react-teacher", "rollouts")
 
+    # The main job with bootstrap.auto builds the preset's teacher first (here it exists: reused) and distills
+    # from it.
+    from sad_ray.stages import run_distill
+
+    job = load_config(None, tiny(tmp_path, base) + [
+        "bootstrap.auto=true", "data.source=demos", "data.envs=[webshop]", "data.episodes_per_env=2",
+        "models.student_layers=1", "records.top_k=4", "train.steps=1", "train.batch_size=1"])
+    distilled = run_distill(job)
+    assert distilled["bootstrap"]["reused"] and distilled["teacher"] == str(home)
+    assert distilled["teacher_id"].startswith("react-teacher@") and distilled["train"]["steps"] == 1
+
 
 def test_a_missing_bootstrapped_teacher_is_a_clear_error(tmp_path):
     from sad_ray.models.starter import resolve_model
