@@ -79,9 +79,9 @@ def measure(cfg: Config, tasks_per_env: tuple[int, ...], max_steps: int | None) 
             by_type.setdefault(f"{ep.env}/{ep.task_type}", [0, 0])
             by_type[f"{ep.env}/{ep.task_type}"][0] += int(ep.success)
             by_type[f"{ep.env}/{ep.task_type}"][1] += 1
+        trained = json.loads((checkpoint / "progress.json").read_text())
         out.write_text(json.dumps({
-            "step": step, "loss": json.loads((checkpoint / "progress.json").read_text()).get("loss"),
-            "train_seconds": json.loads((checkpoint / "progress.json").read_text()).get("seconds"),
+            "step": step, "loss": trained.get("loss"), "train_seconds": trained.get("seconds"),
             "won": sum(e.success for e in report.episodes), "played": len(report.episodes), "by_type": by_type,
             "eval_seconds": report.seconds, "max_steps": max_steps, "host": host_summary(cfg.precision, "cpu"),
         }, indent=2))

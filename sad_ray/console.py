@@ -3,8 +3,8 @@
 Ray forwards every actor's and worker's stdout and stderr to the driver: the train controller's resource
 requests, Ray Data's execution plans, vLLM's start-up banners, progress bars of weight loading. `init_ray` starts
 or joins Ray with that forwarding off (the full logs stay in Ray's log folder, `<temp>/ray/session_latest/logs`)
-and `Relay` brings back what our own code logs inside workers (the `sad_ray` loggers, INFO and up): a small actor
-that rank 0's log records are pushed to, drained by a thread on the driver that logs them there. Driver-side noise
+and `relay` brings back what our own code logs inside workers (the `sad_ray` loggers, INFO and up): a small actor
+that the workers' log records are pushed to (`attach`), drained by a thread on the driver that logs them there. Driver-side noise
 is turned down in `quiet_driver`: deprecation warnings of the libraries, MLflow's store set-up lines, Ray's own
 INFO lines.
 """
@@ -55,19 +55,21 @@ class _LibraryFilter(logging.Filter):
         return not any(noise in message for noise in _NOISE)
 
 
+def _add_filter(target: logging.Filterer) -> None:
+    if not any(isinstance(f, _LibraryFilter) for f in target.filters):
+        target.addFilter(_LibraryFilter())
+
+
 def _filter_consoles() -> None:
     """Put the filter on every handler that writes to a terminal stream, wherever a library attached it (Ray Data
     and DeepSpeed bring their own, with propagation off); file handlers keep everything."""
     loggers = [logging.getLogger()] + [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
     for logger in loggers:
         for handler in getattr(logger, "handlers", ()):
-            if type(handler) is logging.StreamHandler and not any(isinstance(f, _LibraryFilter)
-                                                                  for f in handler.filters):
-                handler.addFilter(_LibraryFilter())
+            if type(handler) is logging.StreamHandler:
+                _add_filter(handler)
     # DeepSpeed resets its logger's level and handler when imported, later: a filter on the logger stays.
-    deepspeed = logging.getLogger("DeepSpeed")
-    if not any(isinstance(f, _LibraryFilter) for f in deepspeed.filters):
-        deepspeed.addFilter(_LibraryFilter())
+    _add_filter(logging.getLogger("DeepSpeed"))
 
 
 def quiet_driver() -> None:
@@ -90,13 +92,18 @@ def quiet_driver() -> None:
         warnings.filterwarnings("ignore", category=category)
 
 
+def _cluster_address() -> str:
+    """The running cluster this process joins: `ray job submit` sets RAY_ADDRESS for its driver, and so does a
+    user pointing a job at a cluster. Empty: Ray starts a local one."""
+    return os.environ.get("RAY_ADDRESS", "")
+
+
 def started_local_cluster() -> bool:
     """Whether this process started its own Ray cluster (nothing will join it) rather than joining one, where
     an autoscaler may add the nodes a request waits for."""
     import ray
 
-    # `ray job submit` sets RAY_ADDRESS for its driver; so does a user pointing a job at a cluster.
-    return ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    return ray.is_initialized() and not _cluster_address()
 
 
 def init_ray(**kwargs: Any) -> None:
@@ -107,7 +114,7 @@ def init_ray(**kwargs: Any) -> None:
     quiet_driver()
     if ray.is_initialized():
         return
-    joining = bool(os.environ.get("RAY_ADDRESS"))  # set by `ray job submit` and by users pointing at a cluster
+    address = _cluster_address()
     # configure_logging=False: Ray's driver loggers propagate to ours (filtered) instead of a handler of its own.
     context = ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False, **kwargs)
     import ray.data  # noqa: F401  (it configures its own console handler when imported: filter that one too)
@@ -116,7 +123,7 @@ def init_ray(**kwargs: Any) -> None:
     resources = ray.cluster_resources()
     dashboard = getattr(context, "dashboard_url", None)
     log.info("ray: %s (%g CPUs, %g GPUs%s); workers' logs are in Ray's log folder, session_latest/logs",
-             f"joined the cluster at {os.environ['RAY_ADDRESS']}" if joining else "started a local cluster",
+             f"joined the cluster at {address}" if address else "started a local cluster",
              resources.get("CPU", 0), resources.get("GPU", 0), f", dashboard http://{dashboard}" if dashboard else "")
 
 
@@ -152,7 +159,7 @@ class _RelayHandler(logging.Handler):
 
 def attach(actor: Any, source: str) -> None:
     """In a worker or actor: relay what its `sad_ray` loggers log to the driver's console, as `(source) message`.
-    `actor` is the handle `Relay` gave the driver (None: relay nothing)."""
+    `actor` is the handle `relay` gave the driver (None: relay nothing)."""
     if actor is None:
         return
     logger = logging.getLogger("sad_ray")

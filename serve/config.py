@@ -80,16 +80,16 @@ class ModelSpec(_Strict):
     @field_validator("resources")
     @classmethod
     def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
-        from sad_ray.train.ray_train import check_resources
+        from sad_ray.resources import check_resources
 
         check_resources("resources", value)
         return value
 
     @model_validator(mode="after")
     def _gpus_cover_tensor_parallel(self) -> ModelSpec:
-        if self.tensor_parallel_size > 1 and self.num_gpus < self.tensor_parallel_size:
-            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs num_gpus >= "
-                             f"{self.tensor_parallel_size} per replica, got {self.num_gpus:g}")
+        from sad_ray.resources import check_tensor_parallel
+
+        check_tensor_parallel(self.tensor_parallel_size, self.num_gpus)
         return self
 
     @model_validator(mode="after")

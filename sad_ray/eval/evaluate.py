@@ -19,6 +19,7 @@ from sad_ray.envs.base import Episode, Task
 from sad_ray.envs.react import context_window
 from sad_ray.eval.metrics import normalise_action, rouge_l_f1, strip_thought_label
 from sad_ray.method.segment import segment
+from sad_ray.resources import check_resources, check_tensor_parallel
 from sad_ray.rollout.agent import PlayConfig, PlayStats, parse_action, play
 from sad_ray.rollout.engines import Engine, SamplingConfig, generate_timed
 
@@ -77,12 +78,8 @@ class EvalConfig:
             raise ValueError(f"cot_threshold must be in (0, 1], got {self.cot_threshold}")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
-        from sad_ray.train.ray_train import check_resources
-
         check_resources("resources", self.resources)
-        if self.tensor_parallel_size < 1 or (self.tensor_parallel_size > 1 and self.num_gpus < self.tensor_parallel_size):
-            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} needs num_gpus >= it per replica, "
-                             f"got {self.num_gpus:g}")
+        check_tensor_parallel(self.tensor_parallel_size, self.num_gpus)
         if self.in_flight < 1 or self.max_new_tokens < 1 or self.resamples < 100:
             raise ValueError("in_flight and max_new_tokens must be >= 1, resamples >= 100")
         if self.forced_steps_per_episode < 0 or self.forced_episodes < -1:

@@ -28,6 +28,7 @@ from sad_ray.records import (
     finished_episodes,
     record_from_row,
 )
+from sad_ray.resources import check_resources
 from sad_ray.rollout.agent import PlayConfig, PlayStats, generated_tokens, play
 from sad_ray.rollout.engines import EngineConfig, SamplingConfig, make_engine
 from sad_ray.rollout.score import score_episodes
@@ -73,8 +74,6 @@ class RolloutConfig:
             raise ValueError("actors, tasks_per_env, tasks_per_batch and max_in_flight must be >= 1")
         if self.cpus_per_actor <= 0 and self.gpus_per_actor <= 0:
             raise ValueError("an actor needs cpus_per_actor > 0 or gpus_per_actor > 0")
-        from sad_ray.train.ray_train import check_resources
-
         check_resources("resources_per_actor", self.resources_per_actor)
 
 

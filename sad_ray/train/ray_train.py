@@ -32,6 +32,7 @@ from sad_ray.console import clock
 from sad_ray.method.curriculum import CurriculumConfig
 from sad_ray.method.losses import LossConfig
 from sad_ray.records import shard_paths
+from sad_ray.resources import check_resources
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +85,6 @@ class TrainConfig:
         if not self.use_gpu and self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker must be > 0 without GPUs, got {self.cpus_per_worker}")
         check_resources("resources_per_worker", self.resources_per_worker)
-
-
-def check_resources(name: str, resources: dict[str, float]) -> None:
-    """Custom resources by name: CPU and GPU have settings of their own, and amounts are >= 0."""
-    for key, amount in resources.items():
-        if key in ("CPU", "GPU", "memory"):
-            raise ValueError(f"{name}.{key}: CPU, GPU and memory have settings of their own; {name} is for "
-                             f"custom resources such as teacher_gpu or train_gpu")
-        if amount < 0:
-            raise ValueError(f"{name}.{key} must be >= 0, got {amount}")
 
 
 @dataclass(frozen=True)
