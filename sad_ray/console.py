@@ -80,6 +80,13 @@ def quiet_driver() -> None:
     # Progress bars of weight loading and saving (transformers, huggingface_hub, any tqdm).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # transformers reads that variable once, when imported; a job that imported it already is told directly.
+    import sys
+
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     for name, level in _LIBRARY_LEVELS.items():
         logging.getLogger(name).setLevel(level)
     logging.getLogger("sad_ray").setLevel(logging.INFO)
