@@ -166,3 +166,88 @@ def test_every_draw_is_unique_within_the_open_set(n, batch, seed, steps):
         draw = s.next_batch()
         assert len(set(draw.tolist())) == batch
         assert set(draw.tolist()) <= opened
+
+
+def test_without_reweighting_an_open_dataset_is_walked_in_epochs():
+    """Uniform sampling visits every example once per pass (a short bootstrap sees all its demonstrations), in
+    a different order each pass, and a restored sampler continues the same walk."""
+    s = sampler(ramp=0.0, reweight=False)
+    first = np.concatenate([s.next_batch() for _ in range(5)])
+    second = np.concatenate([s.next_batch() for _ in range(5)])
+    assert sorted(first.tolist()) == list(range(20)) == sorted(second.tolist())
+    assert first.tolist() != second.tolist()
+    restored = sampler(ramp=0.0, reweight=False)
+    restored.load_state_dict({**s.state_dict(), "step": 5})
+    assert np.concatenate([restored.next_batch() for _ in range(5)]).tolist() == second.tolist()
+
+
+# ------------------------------------------------------------------------------ the buffered (streaming) curriculum
+
+
+def stream_through(buf, losses: dict[str, float], records: list[tuple[str, float]], steps: int):
+    """Feed `records` (id, complexity) through the buffer the way a worker does; returns per-id draw counts and
+    the order in which ids left the buffer."""
+    from collections import Counter
+
+    feed = iter(records)
+    for slot in buf.free():
+        rid, c = next(feed)
+        buf.put(slot, rid, c)
+    drawn: Counter = Counter()
+    left: list[str] = []
+    for _ in range(steps):
+        slots = buf.next_batch()
+        drawn.update(buf.ids[s] for s in slots)
+        buf.update(slots, np.array([losses[buf.ids[s]] for s in slots]))
+        gone = [buf.ids[s] for s in range(buf.capacity)]
+        freed = buf.evict(len(slots))
+        gone = [gone[s] for s in freed]
+        left += gone
+        for slot in freed:
+            nxt = next(feed, None)
+            if nxt is not None:
+                buf.put(slot, *nxt)
+    return drawn, left
+
+
+def test_the_buffer_keeps_what_the_student_finds_hard_and_streams_the_rest_through():
+    from sad_ray.method.curriculum import BufferedCurriculum
+
+    records = [(f"r{i}", (i % 7) / 7) for i in range(400)]
+    losses = {rid: (5.0 if i % 10 == 0 else 0.5) for i, (rid, _) in enumerate(records)}  # every 10th is hard
+    buf = BufferedCurriculum(CurriculumConfig(c0=1.0, ramp=0.0, uniform_mix=0.1), capacity=16, batch_size=4,
+                             total_steps=60)
+    drawn, left = stream_through(buf, losses, records, steps=60)
+    assert len(set(left)) == len(left)  # nothing leaves twice
+    assert all(drawn[rid] >= 1 for rid in left)  # nothing leaves untrained
+    assert len(drawn) > 16 * 3  # the stream moved on well past the first buffer
+    # The hard examples stay and are drawn more often than the easy ones.
+    hard = [drawn[r] for r in drawn if losses[r] > 1]
+    easy = [drawn[r] for r in drawn if losses[r] < 1]
+    assert np.mean(hard) > 2 * np.mean(easy), (np.mean(hard), np.mean(easy))
+
+
+def test_the_buffer_opens_its_easiest_records_first_and_round_trips_its_state():
+    from sad_ray.method.curriculum import BufferedCurriculum
+
+    cfg = CurriculumConfig(c0=0.25, ramp=0.5, reweight=False)
+    buf = BufferedCurriculum(cfg, capacity=8, batch_size=2, total_steps=20)
+    for slot in buf.free():
+        buf.put(slot, f"r{slot}", 1.0 - slot / 8)  # slot 7 is the easiest
+    idx, p = buf.probabilities()
+    assert sorted(idx.tolist()) == [6, 7] and np.allclose(p, 0.5)
+    with pytest.raises(ValueError, match="slot 3 is taken"):
+        buf.put(3, "x", 0.0)
+    assert buf.evict(4) == []  # nothing trained yet: nothing leaves
+    for _ in range(3):
+        slots = buf.next_batch()
+        buf.update(slots, np.ones(len(slots)))
+    state = buf.state_dict()
+    expected = [buf.next_batch().tolist() for _ in range(5)]
+    again = BufferedCurriculum(cfg, capacity=8, batch_size=2, total_steps=20)
+    again.load_state_dict(state)
+    assert [again.next_batch().tolist() for _ in range(5)] == expected
+    with pytest.raises(ValueError, match="has 8 slots, this one 4"):
+        BufferedCurriculum(cfg, capacity=4, batch_size=2, total_steps=20).load_state_dict(state)
+    with pytest.raises(ValueError, match="must hold at least one batch"):
+        BufferedCurriculum(cfg, capacity=1, batch_size=2, total_steps=20)

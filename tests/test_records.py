@@ -247,3 +247,40 @@ def test_shards_hold_whole_episodes_and_the_ledger_skips_dropped_ones(tmp_path):
     ledger.write_text('{"episode": "ep3", "reason": "x"}\nnot json\n{"episode": "ep4", "reason": "y"}\n')
     with pytest.raises(ValueError, match=rf"{DROPPED_LEDGER}:2: expected a JSON object"):
         dropped_episodes(tmp_path)
+
+
+def test_a_full_disk_mid_write_leaves_the_shards_already_written_intact(tmp_path):
+    """A file-size limit (RLIMIT_FSIZE: writes past it fail with EFBIG, as on a full disk) hit while the third
+    shard is written: the run fails with the OS error, the two shards before it read back whole, and no partial
+    shard or temp file is left for a reader or a rerun to trip on."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = """
+import resource, signal, sys
+from pathlib import Path
+from sad_ray.records import ShardWriter
+from tests.test_records import make_record
+folder = Path(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+with ShardWriter(folder, 2) as writer:
+    for i in range(4):
+        writer.add(make_record(f"e{i}", seed=i))
+    writer.flush()
+    limit = max(p.stat().st_size for p in folder.glob("part-*.parquet")) // 2
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    for i in range(4, 8):
+        writer.add(make_record(f"e{i}", seed=i))
+"""
+    folder = tmp_path / "records"
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode != 0 and "File too large" in done.stderr, done.stderr[-2000:]
+    assert sorted(p.name for p in folder.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    assert [r.id for r in read_records(folder)] == [f"e{i}" for i in range(4)]
+    # A rerun continues after them.
+    with ShardWriter(folder, 2) as writer:
+        for i in range(4, 6):
+            writer.add(make_record(f"e{i}", seed=i))
+    assert len(read_records(folder)) == 6 and (folder / "part-00002.parquet").is_file()

@@ -200,6 +200,42 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path, data, refere
     assert_same_as_reference(reference, uri, run_id, Path(out["student"]), rtol=1e-4, grad_rtol=1e-4, atol=1e-5)
 
 
+def test_a_buffered_worker_streams_its_shard_and_resumes_exactly(tmp_path, data):
+    """train.buffer_records: the worker streams its 16 records through a 6-record buffer (the curriculum picks
+    what leaves); a worker killed mid-run resumes with the checkpointed buffer read back from its shard, and
+    every step's loss, gradient norm and the final weights match an uninterrupted buffered run."""
+    import subprocess
+    import sys
+
+    buffered = {**SAME_RUN, "buffer_records": 6}
+    ref_uri, ref_run = mlflow_run(tmp_path / "ref")
+    ref = train_on_records(data / "records", data / "student-init", tmp_path / "ref" / "out",
+                           TrainConfig(**buffered), LossConfig(), CurriculumConfig(ramp=0.5), run_name="buffered",
+                           tracking_uri=ref_uri, mlflow_run_id=ref_run)
+    reference = {"loss": dict(loss_history(ref_uri, ref_run)), "grad_norm": dict(loss_history(ref_uri, ref_run,
+                                                                                              "grad_norm")),
+                 "student": Path(ref.student_dir)}
+    assert sorted(reference["loss"]) == list(range(1, 13))
+    # The buffer moved through the whole shard (16 records), six at a time.
+    position = loss_history(ref_uri, ref_run, "train/stream_position")
+    assert position[0][1] > 6 and position[-1][1] == 16, position
+    assert all(0 < v <= 1 for _, v in loss_history(ref_uri, ref_run, "curriculum/buffer_fill"))
+
+    uri, run_id = mlflow_run(tmp_path)
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_A_WORKER)
+    done = subprocess.run([sys.executable, str(script), str(data / "records"), str(data / "student-init"),
+                           str(tmp_path / "out"), uri, run_id, json.dumps(buffered)],
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                          capture_output=True, text=True, timeout=900)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out["steps"] == 12 and 5 <= out["killed_at"] < 12
+    assert loss_history(uri, run_id, "train/resumed_from_step"), "the run never resumed from a checkpoint"
+    assert_same_as_reference(reference, uri, run_id, Path(out["student"]), rtol=1e-4, grad_rtol=1e-4, atol=1e-5)
+
+
 def test_two_ddp_workers_train_on_disjoint_shards(tmp_path, data, caplog):
     import logging
 
@@ -287,6 +323,30 @@ def test_records_of_another_teacher_are_refused_naming_the_file(tmp_path):
         train_on_records(tmp_path / "r", tmp_path / "no-model", tmp_path / "out", TrainConfig(steps=1),
                       LossConfig(), CurriculumConfig(), teacher="mine@00")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_broken_shard_is_refused_or_skipped_by_name(tmp_path):
+    """A truncated shard and a shard of another schema version: refused naming the file (the default), or left
+    out with a warning, so the workers read only the good shards."""
+    import pyarrow.parquet as pq
+
+    from sad_ray.records import read_shard_table, write_shard
+    from sad_ray.train.ray_train import scan_records
+
+    good = write_shard([make_record(f"g{i}", seed=i) for i in range(3)], tmp_path / "r" / "part-00000.parquet")
+    cut = write_shard([make_record(f"c{i}", seed=i) for i in range(3)], tmp_path / "r" / "part-00001.parquet")
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # a copy cut off mid-file
+    table = read_shard_table(good)
+    future = table.replace_schema_metadata({**table.schema.metadata, b"sad_ray.schema_version": b"99"})
+    pq.write_table(future, tmp_path / "r" / "part-00002.parquet")
+    with pytest.raises(TrainSetupError, match=r"part-00001.parquet.*not a readable Parquet file.*bad_shards=skip"):
+        scan_records(tmp_path / "r")
+    summary = scan_records(tmp_path / "r", bad_shards="skip")
+    assert summary.records == 3 and summary.shards == (str(good),)
+    assert [Path(p).name for p in summary.skipped] == ["part-00001.parquet", "part-00002.parquet"]
+    (tmp_path / "r" / "part-00000.parquet").unlink()
+    with pytest.raises(TrainSetupError, match="2 shards skipped"):
+        scan_records(tmp_path / "r", bad_shards="skip")
 
 
 def test_the_run_identity_covers_teacher_start_weights_data_and_objective(tmp_path):

@@ -240,6 +240,9 @@ def run_rollouts(
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor or None,
+        # Each engine on another node where it can (tests/test_multinode.py): engines side by side use their
+        # nodes' cores or GPUs; resources_per_actor says which nodes may hold one.
+        scheduling_strategy="SPREAD",
         **({"resources": dict(cfg.resources_per_actor)} if cfg.resources_per_actor else {}),
     )
     progress = Progress("rollout", len(todo), "episodes")

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -37,6 +37,9 @@ from sad_ray.resources import check_resources
 log = logging.getLogger(__name__)
 
 HF_SUBDIR = "hf"
+
+
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 class TrainSetupError(ValueError):
@@ -66,6 +69,9 @@ class TrainConfig:
     # Custom Ray resources each worker also asks for: {train_gpu: 1} keeps the workers on the nodes that offer
     # train_gpu (cluster.yaml's gpu-train type), away from the teacher's.
     resources_per_worker: dict[str, float] = field(default_factory=dict)
+    # How Ray places the workers' group: PACK fills a node before the next (DDP's all-reduce stays local), SPREAD
+    # puts each worker on another node where it can (one worker per GPU node), STRICT_* refuse to do otherwise.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Recompute each decoder layer's activations in backward instead of keeping them: activation memory falls from
     # O(layers x batch x tokens) to about one layer's worth, for more compute. Same gradients, same run.
     gradient_checkpointing: bool = False
@@ -74,6 +80,15 @@ class TrainConfig:
     max_failures: int = 2
     log_every: int = 1
     split: Literal["train", "val", "test"] = "train"
+    # 0: each worker holds its whole shard of the records in memory (the curriculum draws from all of it). N > 0:
+    # each worker streams its Ray Data shard once through a buffer of N records, and the curriculum draws within
+    # the buffer and decides which records leave it for the next ones (BufferedCurriculum): memory stays flat
+    # however large the data. Use it for data that does not fit a worker's memory; a run longer than one pass
+    # keeps training on the last buffer.
+    buffer_records: int = 0
+    # A record shard that cannot be read whole (truncated, corrupt, another schema version, an invalid record):
+    # refuse the run naming it, or skip it with a warning (scan_records).
+    bad_shards: Literal["refuse", "skip"] = "refuse"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "num_workers", "checkpoint_every", "keep_checkpoints",
@@ -82,9 +97,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.max_failures < 0 or self.grad_clip <= 0:
             raise ValueError("lr and grad_clip must be > 0, warmup_steps and max_failures >= 0")
+        if self.buffer_records and self.buffer_records < self.batch_size * self.grad_accum:
+            raise ValueError(f"buffer_records ({self.buffer_records}) must hold at least one step's examples "
+                             f"(batch_size x grad_accum = {self.batch_size * self.grad_accum}), or be 0")
         if not self.use_gpu and self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker must be > 0 without GPUs, got {self.cpus_per_worker}")
         check_resources("resources_per_worker", self.resources_per_worker)
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                             f"got {self.placement_strategy!r}")
 
 
 @dataclass(frozen=True)
@@ -94,14 +115,20 @@ class DataSummary:
     bounds: tuple[list[float], list[float]]  # per-feature min and max of the complexity features
     ids_digest: str  # sha256 over the sorted record ids: which data this is
     teacher: str = ""  # the teacher id every record carries (sad_ray.models.identity.teacher_id)
+    shards: tuple[str, ...] = ()  # the shards to train on
+    skipped: tuple[str, ...] = ()  # shards left out as unreadable (bad_shards="skip")
 
 
-def scan_records(records_dir: str | Path, split: str = "train", teacher: str | None = None) -> DataSummary:
+def scan_records(records_dir: str | Path, split: str = "train", teacher: str | None = None,
+                 bad_shards: str = "refuse") -> DataSummary:
     """Validate every record (streamed shard by shard, nothing kept) and summarise the split to train on.
 
     Runs on the driver before any worker starts, so a bad dataset stops the run at once with a RecordError-style
     message naming the record, the field and the file. Every record must come from `teacher` (a teacher id), or,
     without one, from one and the same teacher; a record of another is refused with its file named.
+    A shard that cannot be read whole (truncated or corrupt Parquet, another schema version, an invalid record)
+    is refused, or with `bad_shards="skip"` left out with a warning naming it: the workers then read only the
+    shards listed in the summary, so none of them ever opens a broken file.
     """
     from sad_ray.records import RecordError, iter_records, teacher_mismatch
 
@@ -110,13 +137,20 @@ def scan_records(records_dir: str | Path, split: str = "train", teacher: str | N
         raise TrainSetupError(f"records directory {records_dir} does not exist")
     if not shard_paths(records_dir):
         raise TrainSetupError(f"records directory {records_dir} holds no record shards (part-*.parquet)")
+    if bad_shards not in ("refuse", "skip"):
+        raise TrainSetupError(f"bad_shards must be 'refuse' or 'skip', got {bad_shards!r}")
     feats: list[tuple[int, int, float]] = []
     ids: list[str] = []
     fingerprints: set[str] = set()
+    good: list[str] = []
+    skipped: list[str] = []
     other = 0
     first_teacher: tuple[str, Path] | None = None  # without an expected teacher: the first record's, and its file
-    try:
-        for shard in shard_paths(records_dir):
+    for shard in shard_paths(records_dir):
+        rows: list[tuple[int, int, float]] = []
+        shard_ids: list[str] = []
+        shard_fps: set[str] = set()
+        try:
             for r in iter_records(shard):
                 if teacher is not None and r.teacher_model != teacher:
                     raise TrainSetupError(teacher_mismatch(shard, r.teacher_model, teacher))
@@ -129,18 +163,26 @@ def scan_records(records_dir: str | Path, split: str = "train", teacher: str | N
                 if r.split != split:
                     other += 1
                     continue
-                feats.append((r.reasoning_length, r.action_length, r.teacher_entropy))
-                ids.append(r.id)
-                fingerprints.add(r.tokenizer_fingerprint)
-    except TrainSetupError:
-        raise
-    except RecordError as exc:
-        raise TrainSetupError(f"invalid training data: {exc}") from None
-    except (OSError, ValueError) as exc:  # an unreadable or foreign Parquet file
-        raise TrainSetupError(f"records directory {records_dir} cannot be read: {exc}") from None
+                rows.append((r.reasoning_length, r.action_length, r.teacher_entropy))
+                shard_ids.append(r.id)
+                shard_fps.add(r.tokenizer_fingerprint)
+        except TrainSetupError:
+            raise
+        except (RecordError, OSError, ValueError) as exc:  # invalid data, an unreadable or foreign Parquet file
+            problem = f"invalid training data: {exc}" if isinstance(exc, RecordError) else \
+                f"record shard {shard} cannot be read: {exc}"
+            if bad_shards == "refuse":
+                raise TrainSetupError(f"{problem} (train.bad_shards=skip leaves such shards out)") from None
+            log.warning("train: skipping shard %s: %s", shard, problem)
+            skipped.append(str(shard))
+            continue
+        feats += rows
+        ids += shard_ids
+        fingerprints |= shard_fps
+        good.append(str(shard))
     if not feats:
         raise TrainSetupError(f"records directory {records_dir} holds no records of split {split!r} "
-                              f"({other} records in other splits)")
+                              f"({other} records in other splits, {len(skipped)} shards skipped)")
     if len(fingerprints) != 1:
         raise TrainSetupError(f"records in {records_dir} were tokenized by {len(fingerprints)} different tokenizers; "
                               "train on one tokenizer's records")
@@ -148,7 +190,8 @@ def scan_records(records_dir: str | Path, split: str = "train", teacher: str | N
     return DataSummary(records=len(feats), fingerprint=fingerprints.pop(),
                        bounds=(arr.min(axis=1).tolist(), arr.max(axis=1).tolist()),
                        ids_digest=hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest(),
-                       teacher=first_teacher[0])
+                       teacher=first_teacher[0] if first_teacher else "", shards=tuple(good),
+                       skipped=tuple(skipped))
 
 
 def check_model(student_dir: str | Path, fingerprint: str, trust_remote_code: bool = False) -> int:
@@ -245,6 +288,62 @@ def _load_shard(split: str):
     return records, time.perf_counter() - start
 
 
+class _ShardStream:
+    """This worker's records of one split, streamed once from its Ray Data shard in shard order (the split keeps
+    file order, `_deterministic_shards`), validated on read; `position` counts the records handed out, so a
+    restored worker can read up to where its checkpoint was and pick its buffered records back up."""
+
+    def __init__(self, split: str, bounds, weights) -> None:
+        import ray.train
+
+        self.split, self.bounds, self.weights = split, bounds, weights
+        self._rows = self._read(ray.train.get_dataset_shard("train"))
+        self.position = 0
+        self.exhausted = False
+
+    def _read(self, shard) -> Iterator[Any]:
+        from sad_ray.records import record_from_row
+
+        for batch in shard.iter_batches(batch_format="pyarrow", batch_size=64):
+            for row in batch.to_pylist():
+                if row["split"] == self.split:
+                    yield record_from_row(row, "train dataset (Ray Data shard)")
+
+    def next(self) -> Any | None:
+        """The next record, or None once the shard is read."""
+        record = next(self._rows, None)
+        if record is None:
+            self.exhausted = True
+            return None
+        self.position += 1
+        return record
+
+    def complexity(self, record) -> float:
+        return float(normalised_complexity([record.reasoning_length], [record.action_length],
+                                           [record.teacher_entropy], self.bounds, self.weights)[0])
+
+    def skip_to(self, position: int, wanted: set[str]) -> dict[str, Any]:
+        """Read up to `position`, keeping only the records in `wanted` (a restored buffer's)."""
+        kept = {}
+        while self.position < position:
+            record = self.next()
+            if record is None:
+                raise TrainSetupError(f"the checkpoint was {position} records into this worker's shard, which now "
+                                      f"holds {self.position}: it was made on other data")
+            if record.id in wanted:
+                kept[record.id] = record
+        return kept
+
+
+def _refill(w: _Worker, slots: Sequence[int]) -> None:
+    """Put the stream's next records into the buffer's free `slots` (left empty once the shard is read)."""
+    for slot in slots:
+        record = w.stream.next()
+        w.records[slot] = record
+        if record is not None:
+            w.sampler.put(slot, record.id, w.stream.complexity(record))
+
+
 @dataclass
 class _Worker:
     """What one worker trains with: its shard, its curriculum, the model and how it is stepped."""
@@ -263,6 +362,7 @@ class _Worker:
     precision: str  # resolved: bf16 | fp16 | fp32
     device: Any
     load_seconds: float
+    stream: _ShardStream | None = None  # buffer_records > 0: where the buffer is refilled from
 
 
 def _setup_worker(config: dict[str, Any], rank: int, world: int) -> _Worker:
@@ -270,7 +370,7 @@ def _setup_worker(config: dict[str, Any], rank: int, world: int) -> _Worker:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sad_ray.method.curriculum import CurriculumSampler
+    from sad_ray.method.curriculum import BufferedCurriculum, CurriculumSampler
     from sad_ray.precision import log_choice
     from sad_ray.train.step import SupervisedHead
 
@@ -280,15 +380,22 @@ def _setup_worker(config: dict[str, Any], rank: int, world: int) -> _Worker:
     torch.manual_seed(s.seed + rank)
     precision = log_choice(config["precision"], "cuda" if s.use_gpu else "cpu", f"training (rank {rank})")
 
-    records, load_seconds = _load_shard(s.split)
     local_batch = s.batch_size * s.grad_accum
-    if len(records) < local_batch:
-        raise TrainSetupError(f"worker {rank} got {len(records)} records, fewer than batch_size x grad_accum "
-                              f"({local_batch}); lower train.batch_size or train.num_workers")
-    complexity = normalised_complexity([r.reasoning_length for r in records], [r.action_length for r in records],
-                                       [r.teacher_entropy for r in records], config["bounds"], cur.weights)
-    # One sampler per rank over its own shard (sad_ray.method.curriculum); ranks draw with their own seeds.
-    sampler = CurriculumSampler(complexity, replace(cur, seed=cur.seed * 1000 + rank), local_batch, s.steps)
+    stream = None
+    if s.buffer_records:  # filled by train_loop: from the start, or up to where a checkpoint was
+        stream = _ShardStream(s.split, config["bounds"], cur.weights)
+        records, load_seconds = [None] * s.buffer_records, 0.0
+        sampler = BufferedCurriculum(replace(cur, seed=cur.seed * 1000 + rank), s.buffer_records, local_batch,
+                                     s.steps)
+    else:
+        records, load_seconds = _load_shard(s.split)
+        if len(records) < local_batch:
+            raise TrainSetupError(f"worker {rank} got {len(records)} records, fewer than batch_size x grad_accum "
+                                  f"({local_batch}); lower train.batch_size or train.num_workers")
+        complexity = normalised_complexity([r.reasoning_length for r in records], [r.action_length for r in records],
+                                           [r.teacher_entropy for r in records], config["bounds"], cur.weights)
+        # One sampler per rank over its own shard (sad_ray.method.curriculum); ranks draw with their own seeds.
+        sampler = CurriculumSampler(complexity, replace(cur, seed=cur.seed * 1000 + rank), local_batch, s.steps)
 
     tokenizer = AutoTokenizer.from_pretrained(config["student_dir"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -321,8 +428,9 @@ def _setup_worker(config: dict[str, Any], rank: int, world: int) -> _Worker:
         if precision == "fp16":
             scaler = torch.amp.GradScaler("cuda" if s.use_gpu else "cpu")
     model.train()
-    return _Worker(records, [r.id for r in records], sampler, tokenizer, pad_id, module, model, optimizer, scheduler,
-                   scaler, engine, precision, next(module.parameters()).device, load_seconds)
+    return _Worker(records, [r.id for r in records if r is not None], sampler, tokenizer, pad_id, module, model,
+                   optimizer, scheduler, scaler, engine, precision, next(module.parameters()).device, load_seconds,
+                   stream)
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -345,16 +453,24 @@ def train_loop(config: dict[str, Any]) -> None:
             step = _restore(Path(d), w, rank)
         log.info("worker %d resumed at step %d", rank, step)
         sink.log({"train/resumed_from_step": step}, step)
-    elif rank == 0:
-        sink.tag({f"sad_ray.train.{k}": v for k, v in host_summary(config["precision"],
-                                                                   "cuda" if s.use_gpu else "cpu").items()})
-        sink.log({"train/data_load_seconds": w.load_seconds, "train/records_on_rank0": len(w.records)}, 0)
+    else:
+        if w.stream is not None:
+            _refill(w, w.sampler.free())
+            if len(w.sampler.filled) < s.batch_size * s.grad_accum:
+                raise TrainSetupError(f"worker {rank}'s shard holds {len(w.sampler.filled)} records, fewer than "
+                                      f"batch_size x grad_accum; lower train.batch_size or train.num_workers")
+        if rank == 0:
+            sink.tag({f"sad_ray.train.{k}": v for k, v in host_summary(config["precision"],
+                                                                       "cuda" if s.use_gpu else "cpu").items()})
+            sink.log({"train/data_load_seconds": w.load_seconds, "train/records_on_rank0": len(w.ids)}, 0)
     tokens, t0 = 0, time.perf_counter()
     progress = _Progress(ctx.get_experiment_name(), step, s.steps) if rank == 0 else None
     while step < s.steps:
         _, out = curriculum_step(w.model, w.sampler, w.records, s.batch_size, w.pad_id, config["loss"],
                                  vocab_size=config["vocab_size"], precision=w.precision, optimizer=w.optimizer,
                                  scheduler=w.scheduler, grad_clip=s.grad_clip, scaler=w.scaler, engine=w.engine)
+        if w.stream is not None and not w.stream.exhausted:
+            _refill(w, w.sampler.evict(s.batch_size * s.grad_accum))
         step += 1
         tokens += out.n_reason + out.n_act  # the whole step's, over every rank
         elapsed = time.perf_counter() - t0
@@ -364,7 +480,8 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0 and (step % s.log_every == 0 or step == s.steps):
             sink.log({**metrics, "lr": w.scheduler.get_last_lr()[0], "grad_norm": out.grad_norm,
                       "tokens_per_second": tokens / elapsed if elapsed else 0.0,
-                      "data_wait_fraction": w.load_seconds / (elapsed + w.load_seconds), **w.sampler.stats()}, step)
+                      "data_wait_fraction": w.load_seconds / (elapsed + w.load_seconds), **w.sampler.stats(),
+                      **({"train/stream_position": w.stream.position} if w.stream is not None else {})}, step)
         if progress is not None:
             progress.step(step, out.loss, tokens / elapsed if elapsed else 0.0)
         if step % s.checkpoint_every == 0 or step == s.steps:
@@ -430,9 +547,11 @@ def _rng_state() -> dict[str, Any]:
 def _save(d: Path, step: int, w: _Worker, rank: int, metrics: dict[str, float]) -> None:
     import torch
 
-    # The curriculum by record id: restoring checks that this rank holds the same records in the same order.
-    sampler_state = {"step": w.sampler.step, "order_ids": [w.ids[i] for i in w.sampler.order],
-                     "running_loss": dict(zip(w.ids, w.sampler.running_loss.tolist(), strict=True))}
+    if w.stream is not None:  # the buffer by record id, and how far into the shard it was filled
+        sampler_state = {"buffer": w.sampler.state_dict(), "position": w.stream.position}
+    else:  # the curriculum by record id: restoring checks that this rank holds the same records in the same order
+        sampler_state = {"step": w.sampler.step, "order_ids": [w.ids[i] for i in w.sampler.order],
+                         "running_loss": dict(zip(w.ids, w.sampler.running_loss.tolist(), strict=True))}
     torch.save({"sampler": sampler_state, "rng": _rng_state()}, d / f"worker-{rank}.pt")
     if w.engine is not None:
         w.engine.save_checkpoint(str(d / "deepspeed"), tag="state")  # collective: every rank writes its part
@@ -454,16 +573,10 @@ def _restore(d: Path, w: _Worker, rank: int) -> int:
     if not own.is_file():
         raise TrainSetupError(f"checkpoint {d} has no state for worker {rank}: it was made by fewer workers")
     saved = torch.load(own, weights_only=False)
-    order_ids = saved["sampler"]["order_ids"]
-    index = {rid: i for i, rid in enumerate(w.ids)}
-    if len(order_ids) != len(w.ids) or any(rid not in index for rid in order_ids):
-        raise TrainSetupError(
-            f"checkpoint {d} was made on other data: worker {rank}'s curriculum held {len(order_ids)} records, "
-            f"this shard holds {len(w.ids)} ({sum(rid not in index for rid in order_ids)} of the saved ones missing)")
-    # load_state_dict compares the saved curriculum order with the one built now from the same records.
-    losses = saved["sampler"]["running_loss"]
-    w.sampler.load_state_dict({"step": step, "order": np.array([index[rid] for rid in order_ids]),
-                               "running_loss": np.array([losses[rid] for rid in w.ids], dtype=np.float64)})
+    if w.stream is not None:
+        _restore_buffer(d, w, rank, saved["sampler"])
+    else:
+        _restore_sampler(d, w, rank, step, saved["sampler"])
     if w.engine is not None:
         w.engine.load_checkpoint(str(d / "deepspeed"), tag="state")
     else:
@@ -477,6 +590,36 @@ def _restore(d: Path, w: _Worker, rank: int) -> int:
     np.random.set_state(saved["rng"]["numpy"])
     random.setstate(saved["rng"]["python"])
     return step
+
+
+def _restore_buffer(d: Path, w: _Worker, rank: int, saved: dict[str, Any]) -> None:
+    """The buffer as checkpointed: its slots' records read back from the shard, the stream where it was."""
+    if "buffer" not in saved:
+        raise TrainSetupError(f"checkpoint {d} was made without a record buffer (train.buffer_records 0)")
+    state = saved["buffer"]
+    w.sampler.load_state_dict(state)
+    wanted = {rid for rid in state["ids"] if rid is not None}
+    found = w.stream.skip_to(int(saved["position"]), wanted)
+    if len(found) != len(wanted):
+        raise TrainSetupError(f"checkpoint {d} was made on other data: {len(wanted) - len(found)} of worker {rank}'s "
+                              f"buffered records are not in its shard")
+    w.records = [found[rid] if rid is not None else None for rid in state["ids"]]
+    w.ids = sorted(wanted)
+
+
+def _restore_sampler(d: Path, w: _Worker, rank: int, step: int, saved: dict[str, Any]) -> None:
+    if "order_ids" not in saved:
+        raise TrainSetupError(f"checkpoint {d} was made with a record buffer (train.buffer_records > 0)")
+    order_ids = saved["order_ids"]
+    index = {rid: i for i, rid in enumerate(w.ids)}
+    if len(order_ids) != len(w.ids) or any(rid not in index for rid in order_ids):
+        raise TrainSetupError(
+            f"checkpoint {d} was made on other data: worker {rank}'s curriculum held {len(order_ids)} records, "
+            f"this shard holds {len(w.ids)} ({sum(rid not in index for rid in order_ids)} of the saved ones missing)")
+    # load_state_dict compares the saved curriculum order with the one built now from the same records.
+    losses = saved["running_loss"]
+    w.sampler.load_state_dict({"step": step, "order": np.array([index[rid] for rid in order_ids]),
+                               "running_loss": np.array([losses[rid] for rid in w.ids], dtype=np.float64)})
 
 
 def _save_hf(target: Path | None, w: _Worker, metrics) -> None:
@@ -517,11 +660,15 @@ class TrainResult:
 # Settings that change how a run goes but not what it computes: toggling one resumes the same run (e.g. turning on
 # gradient checkpointing after an out-of-memory kill).
 NOT_IN_RESULT = ("max_failures", "keep_checkpoints", "log_every", "checkpoint_every", "threads",
-                 "gradient_checkpointing", "cpus_per_worker", "resources_per_worker")
+                 "gradient_checkpointing", "cpus_per_worker", "resources_per_worker", "placement_strategy",
+                 "bad_shards")
 
 
 def result_settings(settings: TrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(settings).items() if k not in NOT_IN_RESULT}
+    out = {k: v for k, v in asdict(settings).items() if k not in NOT_IN_RESULT}
+    if not settings.buffer_records:  # the whole shard in memory, as before the buffer existed: same identities
+        del out["buffer_records"]
+    return out
 
 
 def run_identity(summary: DataSummary, student_dir, settings: TrainConfig, loss_cfg, curriculum_cfg,
@@ -601,7 +748,7 @@ def train_on_records(
     out_dir = Path(out_dir).expanduser().resolve()
     final = Path(final_dir).expanduser().resolve() if final_dir is not None else out_dir / "student"
     done_marker = final / "sad_ray_train.json"
-    summary = scan_records(records_dir, settings.split, teacher)
+    summary = scan_records(records_dir, settings.split, teacher, settings.bad_shards)
     vocab = check_model(student_dir, summary.fingerprint, trust_remote_code)
     run_id = run_identity(summary, student_dir, settings, loss_cfg, curriculum_cfg, precision)
     if done_marker.exists():
@@ -624,7 +771,7 @@ def train_on_records(
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     # Each worker keeps the rows of `settings.split` from its own shard (see _load_shard).
-    dataset = ray.data.read_parquet([str(p) for p in shard_paths(records_dir)], num_cpus=0.25)
+    dataset = ray.data.read_parquet(list(summary.shards), num_cpus=0.25)
     with relay() as console:  # the workers' log lines, shown on this console
         trainer = TorchTrainer(
             train_loop,
@@ -638,6 +785,7 @@ def train_on_records(
                 num_workers=settings.num_workers, use_gpu=settings.use_gpu,
                 # With GPUs Ray Train adds {"GPU": 1}; the CPUs are still asked for (data loading, the tokenizer).
                 resources_per_worker={"CPU": settings.cpus_per_worker, **settings.resources_per_worker},
+                placement_strategy=settings.placement_strategy,
             ),
             run_config=ray.train.RunConfig(
                 name=f"{run_name}-{run_id}", storage_path=str(out_dir / "ray_train"),

@@ -1,0 +1,126 @@
+"""The job on several Ray nodes, simulated on one machine with Ray's own multi-node test cluster
+(`ray.cluster_utils.Cluster`: a head and worker nodes, each a real raylet with its own resources), logging through
+a real `mlflow server` on loopback the way a cluster must (a sqlite file on one node is out of the others' reach).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from serve.local import free_port
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head (1 CPU) and two worker nodes (2 CPUs each, marked by a resource of their own, and room for two
+    actors or workers each: a packed group would fit on one)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # this session's local cluster, if an earlier module started one
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"head": 1}})
+    nodes = {"head": c.head_node}
+    for name in ("node_a", "node_b"):
+        nodes[name] = c.add_node(num_cpus=2, resources={name: 1, "slot": 2})
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    try:
+        yield {name: node.node_id for name, node in nodes.items()}
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on loopback with the lean settings of STACK.md; yields its URI."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'store.db'}", "--artifacts-destination", str(root / "artifacts")],
+        env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("mlflow server did not come up:\n" + (root / "server.log").read_text()[-3000:])
+        time.sleep(0.5)
+    try:
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def actor_nodes(class_name: str) -> list[str]:
+    """The node of every actor of a class this cluster ran (alive or finished), from Ray's state API."""
+    from ray.util.state import list_actors
+
+    return [a.node_id for a in list_actors(detail=True, limit=10000) if class_name in a.class_name]
+
+
+def test_train_workers_spread_over_nodes_and_rank0_logs_through_the_mlflow_server(
+        cluster, mlflow_server, tmp_path, starter_dir, starter_tokenizer):
+    import mlflow
+
+    from sad_ray.envs.seed import seed_episodes
+    from sad_ray.method.curriculum import CurriculumConfig
+    from sad_ray.method.losses import LossConfig
+    from sad_ray.models.student import build_student
+    from sad_ray.models.tokenizers import tokenizer_fingerprint
+    from sad_ray.records import write_shard
+    from sad_ray.rollout.engines import DemonstrationTeacher
+    from sad_ray.rollout.score import score_episodes
+    from sad_ray.train.ray_train import TrainConfig, train_on_records
+
+    records = list(score_episodes(seed_episodes(8), starter_tokenizer, DemonstrationTeacher(), fmt="react", top_k=1,
+                                  fingerprint=tokenizer_fingerprint(starter_tokenizer)))
+    write_shard(records, tmp_path / "records" / "part-00000.parquet")
+    build_student(starter_dir, tmp_path / "student-init", 1)
+    client = mlflow.MlflowClient(mlflow_server)
+    run_id = client.create_run(client.create_experiment("multinode")).info.run_id
+
+    settings = TrainConfig(steps=2, batch_size=1, grad_accum=1, num_workers=2, threads=1, checkpoint_every=2,
+                           cpus_per_worker=0.5, resources_per_worker={"slot": 1}, placement_strategy="SPREAD")
+    result = train_on_records(tmp_path / "records", tmp_path / "student-init", tmp_path / "out", settings,
+                              LossConfig(objective="sft"), CurriculumConfig(c0=1.0, ramp=0.0), run_name="spread",
+                              tracking_uri=mlflow_server, mlflow_run_id=run_id)
+    assert result.steps == 2
+    # Two workers on the two worker nodes, one each (packed, both would have fit on one).
+    nodes = actor_nodes("RayTrainWorker")
+    assert sorted(nodes) == sorted([cluster["node_a"], cluster["node_b"]]), nodes
+    # Rank 0 logged every step through the server (the workers were never given a store file).
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2]
+
+
+def test_rollout_actors_spread_over_nodes(cluster, tmp_path, starter_dir):
+    from sad_ray.records import read_records
+    from sad_ray.rollout.engines import EngineConfig
+    from sad_ray.rollout.pipeline import RecordRecipe, RolloutConfig, run_rollouts
+
+    cfg = RolloutConfig(envs=("hotpotqa",), tasks_per_env=4, keep="all", max_steps=1, max_new_tokens=8,
+                        tasks_per_batch=1, actors=2, cpus_per_actor=1.0, resources_per_actor={"slot": 1},
+                        engine=EngineConfig(kind="hf", max_model_len=4096))
+    report = run_rollouts(starter_dir, tmp_path / "records", cfg, RecordRecipe(top_k=2, max_tokens=4096))
+    assert report.episodes == 4 and len(read_records(tmp_path / "records")) == report.written
+    nodes = actor_nodes("MapWorker")
+    assert sorted(nodes) == sorted([cluster["node_a"], cluster["node_b"]]), nodes
