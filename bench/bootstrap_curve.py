@@ -6,8 +6,8 @@ Run it after `jobs/bootstrap_teacher.py` with the same config and overrides, wit
 high enough to keep the checkpoints you want measured. Each checkpoint's weights become a Hugging Face folder next
 to the results (`curve/model-step-<n>/`, delete them after), are played greedily on the held-out tasks with vLLM like the bootstrap's own evaluation, and the
 result is stored in `<cache_dir>/teachers/<name>.work/<settings>/curve/step-<n>.json` (a rerun skips measured
-steps); `curve.md` is regenerated from those files. Timings are on this machine: its CPU and precision are in the
-table's heading.
+steps); `curve.md` is regenerated from those files (`--publish DIR` copies both into the repository, `--table DIR`
+regenerates a published table). Timings are on this machine: its CPU and precision are in the table's heading.
 """
 
 from __future__ import annotations
@@ -108,11 +108,25 @@ def main() -> None:
     parser.add_argument("--config", default=None)
     parser.add_argument("--tasks", default="40,0,0", help="held-out tasks per env of bootstrap.envs")
     parser.add_argument("--max-steps", type=int, default=30)
+    parser.add_argument("--publish", default=None, help="also copy the results and table into this folder (e.g. "
+                        "bench/results/bootstrap-curve/<name>, committed with the code that produced them)")
+    parser.add_argument("--table", default=None, help="only regenerate curve.md from the step-*.json in this folder")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.table:
+        print(write_table(Path(args.table)).read_text())
+        return
     cfg = load_config(args.config, args.overrides)
     table = measure(cfg, tuple(int(n) for n in args.tasks.split(",")), args.max_steps)
+    if args.publish:
+        import shutil
+
+        target = Path(args.publish)
+        target.mkdir(parents=True, exist_ok=True)
+        for result in table.parent.glob("step-*.json"):
+            shutil.copy2(result, target / result.name)
+        table = write_table(target)
     print(table.read_text())
 
 

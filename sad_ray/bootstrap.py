@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = TEACHER_MANIFEST
 # The experts' demonstrations, versioned: a change to what they say or do makes teachers built on the old ones
-# stale (2: ALFWorld's searcher says which places are left to search).
-DEMONSTRATIONS_VERSION = 2
+# stale (2: ALFWorld's searcher says which places are left to search; 3: it lists every plausible place, one
+# number per instance, and drops the one it searched).
+DEMONSTRATIONS_VERSION = 3
 
 
 def teacher_home(cfg: Config) -> Path:
@@ -65,9 +66,8 @@ def demo_records(cfg: Config, base_dir: Path, records_dir: Path) -> ScoreReport:
     from transformers import AutoTokenizer
 
     from sad_ray.console import Progress
-    from sad_ray.envs import make_env
-    from sad_ray.envs.react import demonstration
     from sad_ray.models.tokenizers import tokenizer_fingerprint
+    from sad_ray.rollout.demos import play_demonstrations
     from sad_ray.rollout.engines import DemonstrationTeacher
     from sad_ray.stages import env_kwargs
 
@@ -77,28 +77,20 @@ def demo_records(cfg: Config, base_dir: Path, records_dir: Path) -> ScoreReport:
     if not tasks:
         return report
     tokenizer = AutoTokenizer.from_pretrained(base_dir, trust_remote_code=cfg.models.trust_remote_code)
-    envs: dict[str, Any] = {}
-
     progress = Progress("bootstrap: demonstrations", len(tasks), "episodes")
 
     def demos():
-        for done, task in enumerate(tasks):
-            if task.env not in envs:
-                envs[task.env] = make_env(task.env, **env_kwargs(cfg).get(task.env, {}))
-            yield demonstration(envs[task.env], task)
+        for done, episode in enumerate(play_demonstrations(tasks, env_kwargs(cfg))):
+            yield episode
             progress.update(done + 1, f"{report.kept} records")
 
-    try:
-        with ShardWriter(records_dir, cfg.records.records_per_shard) as writer:
-            for record in score_episodes(
-                demos(), tokenizer, DemonstrationTeacher(), fmt=cfg.segment.format, top_k=1,
-                fingerprint=tokenizer_fingerprint(tokenizer), on_unparsed=cfg.segment.on_unparsed,
-                max_tokens=cfg.data.max_tokens, report=report, context_chars=cfg.rollout.context_chars,
-            ):
-                writer.add(record)
-    finally:
-        for env in envs.values():
-            env.close()
+    with ShardWriter(records_dir, cfg.records.records_per_shard) as writer:
+        for record in score_episodes(
+            demos(), tokenizer, DemonstrationTeacher(), fmt=cfg.segment.format, top_k=1,
+            fingerprint=tokenizer_fingerprint(tokenizer), on_unparsed=cfg.segment.on_unparsed,
+            max_tokens=cfg.data.max_tokens, report=report, context_chars=cfg.rollout.context_chars,
+        ):
+            writer.add(record)
     return report
 
 

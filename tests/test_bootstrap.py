@@ -96,3 +96,23 @@ def test_bootstrap_counts_must_match_the_environments(tmp_path):
 
     with pytest.raises(ConfigError, match="one count per env"):
         load_config(None, ["bootstrap.demos=[1, 2]"])
+
+
+def test_demonstrations_play_on_ray_tasks_and_come_back_in_task_order(tmp_path, base):
+    """Chunks of two tasks, several in flight: the episodes are the ones a sequential expert plays, in order."""
+    from sad_ray.bootstrap import env_tasks
+    from sad_ray.envs import make_env
+    from sad_ray.envs.react import demonstration
+    from sad_ray.rollout.demos import play_demonstrations
+    from sad_ray.stages import env_kwargs
+
+    cfg = load_config(None, tiny(tmp_path, base))
+    tasks = env_tasks(cfg, "train", (5, 2, 2))
+    played = list(play_demonstrations(tasks, env_kwargs(cfg), chunk=2))
+    assert [e.id for e in played] == [t.id for t in tasks]
+    envs = {}
+    for task, episode in zip(tasks, played, strict=True):
+        env = envs.setdefault(task.env, make_env(task.env, **env_kwargs(cfg).get(task.env, {})))
+        assert episode.turns == demonstration(env, task).turns, task.id
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        next(play_demonstrations(tasks, {}, chunk=0))

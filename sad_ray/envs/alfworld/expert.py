@@ -8,7 +8,7 @@ phrasing a seeded RNG picks from several templates. Its actions are the same for
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from sad_ray.envs.alfworld.layouts import APPLIANCE, LAMP, LAMP_HOLDERS, holds, prior
@@ -32,19 +32,19 @@ class Goal:
 
 
 THOUGHTS: dict[str, tuple[str, ...]] = {
+    # {likely}: every place that can hold the object, in search order ("cabinet 1 2 3, fridge 1"); {left}: the
+    # same list without the places searched. A small model keeps track of its search by copying the last list
+    # without its head: no ranges to count down ("cabinet (1-3)" taught one to walk on to "desk 2" of a room with
+    # one desk), and no place that appears in the list later (a list cut at three classes grew a new tail).
     "plan": (
-        "{task} First I need to find {a_obj}. {A_obj} is most likely in {likely}. I will start with {recep}.",
-        "{task} To do that I have to locate {a_obj}. Good places to look are {likely}; {recep} comes first.",
-        "{task} I don't see {a_obj} yet. It is probably in {likely}, so I'll check {recep} first.",
-        "{task} Step one is finding {a_obj}. I'll search {likely}, beginning with {recep}.",
+        "{task} First I need to find {a_obj}. Places to search: {likely}. I will start with {recep}.",
+        "{task} To do that I have to locate {a_obj}. Places to search: {likely}. {Recep} comes first.",
+        "{task} I don't see {a_obj} yet. Places to search: {likely}. I'll check {recep} first.",
     ),
-    # {left}: the places not searched yet, in search order ("cabinet (5-8), fridge (1)"): a searcher that says
-    # what is left never walks to a cabinet 9 of a room with eight.
     "miss": (
-        "There is no {obj} in {prev}{seen}. Left to search: {left}. Next I will check {recep}.",
-        "{Prev} has no {obj}{seen}. Still unsearched: {left}. Let me try {recep}.",
-        "No {obj} at {prev}{seen}. Not yet searched: {left}. {Recep} is the next likely place.",
-        "Nothing I need in {prev}{seen}. Left: {left}. I'll keep looking for {a_obj} at {recep}.",
+        "There is no {obj} in {prev}. Left to search: {left}. Next I will check {recep}.",
+        "{Prev} has no {obj}. Left to search: {left}. Let me try {recep}.",
+        "No {obj} at {prev}. Left to search: {left}. {Recep} is next.",
     ),
     "open": (
         "{Recep} is closed. I will open it and look inside.",
@@ -87,14 +87,14 @@ THOUGHTS: dict[str, tuple[str, ...]] = {
         "{Target} is here; I place {item} in/on it.",
     ),
     "second": (
-        "One {obj} is in/on {target}. I still need a second {obj}; {where}",
+        "One {obj} is in/on {target}. I still need a second {obj}. {where}",
         "That is the first {obj}. Now I need another one. {where}",
-        "I placed one {obj}. For the second {obj}, {where}",
+        "I placed one {obj}. I need a second {obj}. {where}",
     ),
     "lamp_plan": (
-        "Now I have {item}. Next I need a {lamp} to look at it under. A {lamp} is usually on {likely}; I will "
-        "check {recep}.",
-        "{Item} is in hand. I still have to find a {lamp}: likely on {likely}. I'll start with {recep}.",
+        "Now I have {item}. Next I need a {lamp} to look at it under. Places to search: {likely}. I will check "
+        "{recep} first.",
+        "{Item} is in hand. I still have to find a {lamp}. Places to search: {likely}. I'll start with {recep}.",
     ),
     "lamp_recall": (
         "Now I have {item}. I saw {lamp_item} in {recep} earlier, so I go there.",
@@ -178,8 +178,9 @@ class _Explorer:
         return None
 
     def find(self, cls: str, ok: Callable[[str, str], bool], order: list[str], kind: str,
-             **fields: str) -> tuple[str, str]:
-        """Search `order` until an acceptable object of `cls` is seen; returns (object, receptacle)."""
+             scope: Collection[str] = (), **fields: str) -> tuple[str, str]:
+        """Search `order` until an acceptable object of `cls` is seen; returns (object, receptacle). The thoughts
+        list what is left of `scope` (the plausible places), or of `order` once those are all searched."""
         hit = self.in_sight(cls, ok)
         prev = ""
         for r in order:
@@ -188,8 +189,9 @@ class _Explorer:
             if r in self.known:
                 continue
             if prev:
-                left = self.likely([x for x in order if x not in self.known], 3)
-                self.inspect(r, "miss", prev=prev, seen=self.seen_text(prev), left=left, **fields)
+                rest = [x for x in order if x not in self.known]
+                left = self.places([x for x in rest if x in scope] or rest)
+                self.inspect(r, "miss", prev=prev, left=left, **fields)
             else:
                 self.inspect(r, kind, **fields)
             prev, hit = r, self.in_sight(cls, ok)
@@ -197,30 +199,27 @@ class _Explorer:
             return hit
         raise RuntimeError(f"the ALFWorld expert searched every receptacle and found no {cls}")
 
-    def search_order(self, cls: str, last: set[str]) -> list[str]:
-        """Receptacles to search for a class: likely classes first, `last` after, then any other (real games may
-        break ALFRED's rules); instances in number order."""
+    def search_order(self, cls: str, last: set[str]) -> tuple[list[str], list[str]]:
+        """(receptacles to search for a class, the plausible ones among them): classes that can hold it first,
+        likeliest first and `last` after them, then any other (real games may break ALFRED's rules); instances
+        in number order."""
         classes = {r.cls for r in self.scene.receptacles.values()}
         valid = sorted((c for c in classes if holds(c, cls)), key=lambda c: (c in last, -prior(c, cls), c))
         others = sorted(classes - set(valid))
-        return [r for c in valid + others for r in self.scene.of_class(c)]
+        plausible = [r for c in valid for r in self.scene.of_class(c)]
+        return plausible + [r for c in others for r in self.scene.of_class(c)], plausible
 
-    def likely(self, order: list[str], limit: int = 4) -> str:
-        """ "countertop (1-3), fridge (1), cabinet (1-8)": the first classes of a search order."""
+    @staticmethod
+    def places(order: list[str]) -> str:
+        """ "countertop 1 2 3, fridge 1, cabinet 4 5": a search order, its instances grouped by class."""
         groups: list[tuple[str, list[str]]] = []
         for r in order:
             base, _, num = r.rpartition(" ")
             if groups and groups[-1][0] == base:
                 groups[-1][1].append(num)
-            elif len(groups) < limit:
+            else:
                 groups.append((base, [num]))
-        return ", ".join(f"{b} ({n[0]})" if len(n) == 1 else f"{b} ({n[0]}-{n[-1]})" for b, n in groups)
-
-    def seen_text(self, r: str) -> str:
-        items = self.known.get(r, [])
-        if not items:
-            return ", it is empty"
-        return ", only " + ", ".join(_a(o) for o in items[:3]) + (" and more" if len(items) > 3 else "")
+        return ", ".join(f"{b} {' '.join(n)}" for b, n in groups)
 
     # -- handling objects -----------------------------------------------------------------------------------
     def take(self, o: str, r: str, kind: str = "recall", **fields: str) -> None:
@@ -246,16 +245,15 @@ class _Explorer:
         g = self.goal
         appliance = APPLIANCE.get(g.task_type, "")
         last = {c for c in (g.parent_target, appliance) if c}
-        order = self.search_order(g.object_target, last)
+        order, plausible = self.search_order(g.object_target, last)
 
         def ok(o: str, r: str) -> bool:
             # An object already in a goal receptacle of a plain pick task is done, not to be fetched.
             return g.task_type not in _PLAIN_PICK or self.rec(r).cls != g.parent_target
 
-        likely = self.likely([r for r in order if self.rec(r).cls not in last] or order)
         task = self.rng.choice(_TASK_RESTATE).format(desc=description)
-        fields = {"obj": self.obj, "a_obj": _a(self.obj), "likely": likely, "task": task}
-        o, r = self.find(g.object_target, ok, order, "plan", **fields)
+        fields = {"obj": self.obj, "a_obj": _a(self.obj), "likely": self.places(plausible or order), "task": task}
+        o, r = self.find(g.object_target, ok, order, "plan", scope=set(plausible), **fields)
         self.take(o, r)
         if g.task_type == "look_at_obj_in_light":
             self.light(o)
@@ -269,11 +267,12 @@ class _Explorer:
         target = self.scene.of_class(g.parent_target)[0]
         self.put(o, target, held)
         if g.task_type == "pick_two_obj_and_place":
-            o, r = self.second(order, target, ok)
+            o, r = self.second(order, plausible, target, ok)
             self.put(o, target, o)
         return self.steps
 
-    def second(self, order: list[str], target: str, ok: Callable[[str, str], bool]) -> tuple[str, str]:
+    def second(self, order: list[str], plausible: list[str], target: str,
+               ok: Callable[[str, str], bool]) -> tuple[str, str]:
         """Fetch a second object of the class (the goal wants two in the same receptacle)."""
         fields = {"obj": self.obj, "a_obj": _a(self.obj), "target": target}
         hit = self.in_sight(self.goal.object_target, ok)
@@ -282,8 +281,9 @@ class _Explorer:
             self.take(*hit, kind="second", where=where, **fields)
             return hit
         rest = [r for r in order if r not in self.known]
-        where = f"the next likely place is {rest[0]}." if rest else "I keep searching."
-        hit = self.find(self.goal.object_target, ok, order, "second", where=where, **fields)
+        left = [r for r in rest if r in plausible] or rest
+        where = f"Left to search: {self.places(left)}. Next: {left[0]}." if left else "I keep searching."
+        hit = self.find(self.goal.object_target, ok, order, "second", scope=set(plausible), where=where, **fields)
         self.take(*hit)
         return hit
 
@@ -295,11 +295,11 @@ class _Explorer:
         if hit:
             self.approach(hit[1], "lamp_recall", item=item, lamp_item=hit[0], recep=hit[1])
         else:
-            order = self.search_order(toggle, set())
-            holders = [r for r in order if self.rec(r).cls in LAMP_HOLDERS]
+            order, _ = self.search_order(toggle, set())
+            holders = [r for r in order if self.rec(r).cls in LAMP_HOLDERS and r not in self.known]
             order = holders + [r for r in order if r not in holders]
-            hit = self.find(toggle, lambda o, r: True, order, "lamp_plan", item=item, lamp=lamp, obj=lamp,
-                            a_obj=_a(lamp), likely=self.likely(holders, 3))
+            hit = self.find(toggle, lambda o, r: True, order, "lamp_plan", scope=set(holders), item=item, lamp=lamp,
+                            obj=lamp, a_obj=_a(lamp), likely=self.places(holders or order))
             self.approach(hit[1], "lamp_recall", item=item, lamp_item=hit[0], recep=hit[1])
         self.say("use_lamp", f"use {hit[0]}", item=item, lamp_item=hit[0])
 
