@@ -83,7 +83,8 @@ def measure(cfg: Config, tasks_per_env: tuple[int, ...], max_steps: int | None) 
         out.write_text(json.dumps({
             "step": step, "loss": trained.get("loss"), "train_seconds": trained.get("seconds"),
             "won": sum(e.success for e in report.episodes), "played": len(report.episodes), "by_type": by_type,
-            "eval_seconds": report.seconds, "max_steps": max_steps, "host": host_summary(cfg.precision, "cpu"),
+            "eval_seconds": report.seconds, "max_steps": max_steps,
+            "max_new_tokens": cfg.bootstrap.eval_max_new_tokens, "host": host_summary(cfg.precision, "cpu"),
         }, indent=2))
         log.info("step %d: %d/%d won", step, sum(e.success for e in report.episodes), len(report.episodes))
     return write_table(curve)
@@ -93,7 +94,8 @@ def write_table(curve: Path) -> Path:
     rows = [json.loads(p.read_text()) for p in sorted(curve.glob("step-*.json"), key=lambda p: int(p.stem[5:]))]
     host = rows[0]["host"]
     lines = [f"Bootstrap learning curve ({host.get('cpu_model', '?')}, precision {host.get('precision_resolved', '?')}; "
-             f"held-out, greedy, step limit {rows[0]['max_steps']})", "",
+             f"held-out, greedy, step limit {rows[0]['max_steps']}, up to {rows[0].get('max_new_tokens', 100)} new "
+             f"tokens a turn)", "",
              "| step | train time | loss | won | success | by type |", "|---|---|---|---|---|---|"]
     for r in rows:
         types = ", ".join(f"{t.split('/')[-1]} {w}/{n}" for t, (w, n) in sorted(r["by_type"].items()))
