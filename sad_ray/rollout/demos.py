@@ -46,15 +46,10 @@ def play_demonstrations(tasks: Sequence[Task], env_kwargs: dict[str, dict], chun
         else:
             groups.append([task])
     window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    todo = deque(groups)
     pending: deque = deque()
-    todo = iter(groups)
-    for group in todo:
-        pending.append(play.remote(group[0].env, env_kwargs.get(group[0].env, {}), group))
-        if len(pending) >= window:
-            break
-    while pending:
-        episodes = ray.get(pending.popleft())
-        for group in todo:
+    while todo or pending:
+        while todo and len(pending) < window:
+            group = todo.popleft()
             pending.append(play.remote(group[0].env, env_kwargs.get(group[0].env, {}), group))
-            break
-        yield from episodes
+        yield from ray.get(pending.popleft())

@@ -103,6 +103,8 @@ class TrainConfig:
         if not self.use_gpu and self.cpus_per_worker <= 0:
             raise ValueError(f"cpus_per_worker must be > 0 without GPUs, got {self.cpus_per_worker}")
         check_resources("resources_per_worker", self.resources_per_worker)
+        if self.bad_shards not in ("refuse", "skip"):
+            raise ValueError(f"bad_shards must be 'refuse' or 'skip', got {self.bad_shards!r}")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             raise ValueError(f"placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
                              f"got {self.placement_strategy!r}")
@@ -428,9 +430,9 @@ def _setup_worker(config: dict[str, Any], rank: int, world: int) -> _Worker:
         if precision == "fp16":
             scaler = torch.amp.GradScaler("cuda" if s.use_gpu else "cpu")
     model.train()
-    return _Worker(records, [r.id for r in records if r is not None], sampler, tokenizer, pad_id, module, model,
-                   optimizer, scheduler, scaler, engine, precision, next(module.parameters()).device, load_seconds,
-                   stream)
+    ids = [r.id for r in records] if stream is None else []  # a buffer's ids live in its curriculum's slots
+    return _Worker(records, ids, sampler, tokenizer, pad_id, module, model, optimizer, scheduler, scaler, engine,
+                   precision, next(module.parameters()).device, load_seconds, stream)
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -462,7 +464,8 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             sink.tag({f"sad_ray.train.{k}": v for k, v in host_summary(config["precision"],
                                                                        "cuda" if s.use_gpu else "cpu").items()})
-            sink.log({"train/data_load_seconds": w.load_seconds, "train/records_on_rank0": len(w.ids)}, 0)
+            sink.log({"train/data_load_seconds": w.load_seconds,
+                      **({"train/records_on_rank0": len(w.ids)} if w.stream is None else {})}, 0)
     tokens, t0 = 0, time.perf_counter()
     progress = _Progress(ctx.get_experiment_name(), step, s.steps) if rank == 0 else None
     while step < s.steps:
@@ -604,7 +607,6 @@ def _restore_buffer(d: Path, w: _Worker, rank: int, saved: dict[str, Any]) -> No
         raise TrainSetupError(f"checkpoint {d} was made on other data: {len(wanted) - len(found)} of worker {rank}'s "
                               f"buffered records are not in its shard")
     w.records = [found[rid] if rid is not None else None for rid in state["ids"]]
-    w.ids = sorted(wanted)
 
 
 def _restore_sampler(d: Path, w: _Worker, rank: int, step: int, saved: dict[str, Any]) -> None:
