@@ -243,6 +243,10 @@ def run_rollouts(
         # Each engine on another node where it can (tests/test_multinode.py): engines side by side use their
         # nodes' cores or GPUs; resources_per_actor says which nodes may hold one.
         scheduling_strategy="SPREAD",
+        # A lost actor (its node gone) restarts wherever it fits and its batch is replayed: the driver writes only
+        # whole batches it received, so a replayed episode is never written twice (tests/test_node_loss.py).
+        # Ray Data's own defaults today; spelled out because the design rests on them.
+        max_restarts=-1, max_task_retries=-1,
         **({"resources": dict(cfg.resources_per_actor)} if cfg.resources_per_actor else {}),
     )
     progress = Progress("rollout", len(todo), "episodes")
