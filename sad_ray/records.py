@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sad_ray.atomic import replacing_file
+from sad_ray import storage
 
 log = logging.getLogger(__name__)
 
@@ -257,18 +257,18 @@ def validate_row(row: dict[str, Any], source: str | None = None) -> None:
 # ----------------------------------------------------------------------------------------------------------- io
 
 
-def write_shard(records: Sequence[TrajectoryRecord], path: str | Path) -> Path:
-    """Validate and write one Parquet shard atomically."""
-    path = Path(path)
+def write_shard(records: Sequence[TrajectoryRecord], path: str | Path) -> Path | str:
+    """Validate and write one Parquet shard atomically (a local path or a URI, sad_ray.storage)."""
+    path = storage.local_path(path) or str(path)
     rows = [r.to_row() for r in records]
     for row in rows:
         validate_row(row, str(path))
     return _write_rows(rows, path)
 
 
-def _write_rows(rows: list[dict[str, Any]], path: Path) -> Path:
+def _write_rows(rows: list[dict[str, Any]], path: Path | str) -> Path | str:
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    with replacing_file(path) as tmp:
+    with storage.writing(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
     return path
 
@@ -283,18 +283,21 @@ class ShardWriter:
 
     Episodes that finish without any record (a failed episode that is not kept, every window too long) are
     appended to the folder's ledger (`drop`), so a rerun skips them too: `finished_episodes(folder)`.
+
+    The folder is a local path or a URI (sad_ray.storage): each shard appears whole or not at all either way.
     """
 
     def __init__(self, folder: str | Path, records_per_shard: int = 256) -> None:
         if records_per_shard < 1:
             raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder = storage.local_path(folder) or str(folder)
+        storage.make_dirs(self.folder)
         self.records_per_shard = records_per_shard
         self._buffer: list[dict[str, Any]] = []  # rows, validated as they were added
         self._episode: str | None = None  # the episode of the last buffered record
-        self._next = 1 + max((int(p.stem.split("-")[1]) for p in shard_paths(self.folder)), default=-1)
-        self.written: list[Path] = []
+        self._next = 1 + max((int(storage.name(p)[len("part-"):-len(".parquet")]) for p in shard_paths(self.folder)),
+                             default=-1)
+        self.written: list[Path | str] = []
 
     def add(self, record: TrajectoryRecord) -> None:
         row = record.to_row()
@@ -308,13 +311,18 @@ class ShardWriter:
     def drop(self, episode: str, reason: str, **info: Any) -> None:
         """Note an episode that finished without records (appended and flushed at once: nothing to lose)."""
         line = json.dumps({"episode": episode, "reason": reason, **info}, default=str)
-        with open(self.folder / DROPPED_LEDGER, "a") as f:
-            f.write(line + "\n")
+        ledger = storage.join(self.folder, DROPPED_LEDGER)
+        if isinstance(ledger, Path):
+            with open(ledger, "a") as f:
+                f.write(line + "\n")
+        else:  # an object store appends by rewriting the (small) object whole
+            old = storage.read_bytes(ledger) if storage.is_file(ledger) else b""
+            storage.write_bytes(ledger, old + (line + "\n").encode())
 
     def flush(self) -> None:
         if not self._buffer:
             return
-        path = self.folder / f"part-{self._next:05d}.parquet"
+        path = storage.join(self.folder, f"part-{self._next:05d}.parquet")
         _write_rows(self._buffer, path)
         self.written.append(path)
         self._next += 1
@@ -351,10 +359,10 @@ def episode_id(record_id: str) -> str:
 def dropped_episodes(folder: str | Path) -> dict[str, str]:
     """The folder's ledger: episode id -> why it wrote no record. A torn last line (a crash mid-write) is
     ignored; any other unreadable line is an error naming the file and line."""
-    path = Path(folder) / DROPPED_LEDGER
-    if not path.is_file():
+    path = storage.join(folder, DROPPED_LEDGER)
+    if not storage.is_file(path):
         return {}
-    text = path.read_text()
+    text = storage.read_bytes(path).decode()
     lines = text.splitlines()
     out: dict[str, str] = {}
     for n, line in enumerate(lines, 1):
@@ -378,9 +386,15 @@ def finished_episodes(folder: str | Path, redo: Iterable[str] = ()) -> set[str]:
     return done
 
 
-def shard_paths(path: str | Path) -> list[Path]:
-    """The shard files of a folder (sorted), or the single file given."""
-    path = Path(path)
+def shard_paths(path: str | Path) -> list[Path] | list[str]:
+    """The shard files of a folder (sorted), or the single file given; URIs for a remote folder."""
+    if storage.is_remote(path):
+        if storage.is_file(path):
+            return [str(path)]
+        if not storage.is_dir(path):
+            raise FileNotFoundError(f"no trajectory records at {path}")
+        return storage.list_files(path, "part-", ".parquet")
+    path = storage.local_path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
@@ -390,9 +404,9 @@ def shard_paths(path: str | Path) -> list[Path]:
 
 def read_shard_table(path: str | Path) -> pa.Table:
     """A shard's table after checking its schema version and columns (not yet its records)."""
-    path = Path(path)
+    fs, where = storage.resolve(path)
     try:
-        schema = pq.read_schema(path)
+        schema = pq.read_schema(where, filesystem=fs)
     except (OSError, pa.ArrowInvalid) as exc:
         raise RecordError("<file>", "<parquet>", f"is not a readable Parquet file: {exc}", str(path)) from exc
     version = (schema.metadata or {}).get(b"sad_ray.schema_version")
@@ -405,7 +419,7 @@ def read_shard_table(path: str | Path) -> pa.Table:
     missing = [name for name in SCHEMA.names if name not in schema.names]
     if missing:
         raise RecordError("<file>", missing[0], "column is missing", str(path))
-    return pq.read_table(path, columns=SCHEMA.names)  # a v1 file's complexity column is left out
+    return pq.read_table(where, columns=SCHEMA.names, filesystem=fs)  # a v1 file's complexity column is left out
 
 
 def iter_records(
@@ -430,10 +444,13 @@ def read_records(path: str | Path, on_error: Literal["raise", "skip"] = "raise")
 
 def existing_ids(path: str | Path) -> set[str]:
     """Ids already written under `path` (reads only the id column)."""
-    path = Path(path)
-    if not path.exists():
+    if not storage.exists(path) and not storage.is_dir(path):
         return set()
-    return {i for shard in shard_paths(path) for i in pq.read_table(shard, columns=["id"])["id"].to_pylist()}
+    ids: set[str] = set()
+    for shard in shard_paths(path):
+        fs, where = storage.resolve(shard)
+        ids.update(pq.read_table(where, columns=["id"], filesystem=fs)["id"].to_pylist())
+    return ids
 
 
 class TeacherMismatchError(ValueError):
@@ -449,11 +466,13 @@ def teacher_mismatch(shard: str | Path, found: str, expected: str) -> str:
 
 def shard_teachers(path: str | Path) -> dict[Path, set[str]]:
     """The teacher ids in each shard under `path` (reads only the teacher_model column); {} if there is none."""
-    path = Path(path)
-    if not path.exists():
+    if not storage.exists(path) and not storage.is_dir(path):
         return {}
-    return {shard: set(pq.read_table(shard, columns=["teacher_model"])["teacher_model"].to_pylist())
-            for shard in shard_paths(path)}
+    out = {}
+    for shard in shard_paths(path):
+        fs, where = storage.resolve(shard)
+        out[shard] = set(pq.read_table(where, columns=["teacher_model"], filesystem=fs)["teacher_model"].to_pylist())
+    return out
 
 
 def check_teacher(path: str | Path, teacher: str) -> None:

@@ -68,7 +68,8 @@ class AsyncEngine(Protocol):
 def resolve_source(source: str, cache_dir: str, tracking_uri: str) -> Path:
     """A local Hugging Face directory for `source`: a directory, `starter`, `bootstrap[:name]`, a Hugging Face Hub
     id (`org/name`, downloaded under `cache_dir/hub/`), or an MLflow registry URI (`models:/name/version` or
-    `models:/name@alias`), downloaded under `cache_dir/served/`."""
+    `models:/name@alias`), downloaded under `cache_dir/served/`, or a folder's URI (`s3://...`: copied to the
+    replica's node once, sad_ray.storage.stage)."""
     cache = Path(cache_dir).expanduser()
     if source.startswith("models:/"):
         path = _download_registered(source, cache, tracking_uri)

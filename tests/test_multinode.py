@@ -1,6 +1,7 @@
 """The job on several Ray nodes, simulated on one machine with Ray's own multi-node test cluster
 (`ray.cluster_utils.Cluster`: a head and worker nodes, each a real raylet with its own resources), logging through
-a real `mlflow server` on loopback the way a cluster must (a sqlite file on one node is out of the others' reach).
+a real `mlflow server` on loopback the way a cluster must (a sqlite file on one node is out of the others' reach),
+with records, models and checkpoints on a real S3-compatible server on loopback, reached only by URI.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(s3_server):
     """A head (1 CPU) and two worker nodes (2 CPUs each, marked by a resource of their own, and room for two
-    actors or workers each: a packed group would fit on one)."""
+    actors or workers each: a packed group would fit on one). Started after the S3 server: the nodes inherit its
+    endpoint and credentials, as a real cluster's nodes have their own."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -79,9 +81,13 @@ def actor_nodes(class_name: str) -> list[str]:
 
 
 def test_train_workers_spread_over_nodes_and_rank0_logs_through_the_mlflow_server(
-        cluster, mlflow_server, tmp_path, starter_dir, starter_tokenizer):
+        cluster, mlflow_server, s3_server, tmp_path, starter_dir, starter_tokenizer):
+    """Two workers on two nodes train on records and a start model that live only on S3: they read the records
+    through Ray Data, stage the model on their node, and Ray Train keeps the checkpoints there; the student is
+    written back under the same run root."""
     import mlflow
 
+    from sad_ray import storage
     from sad_ray.envs.seed import seed_episodes
     from sad_ray.method.curriculum import CurriculumConfig
     from sad_ray.method.losses import LossConfig
@@ -94,17 +100,26 @@ def test_train_workers_spread_over_nodes_and_rank0_logs_through_the_mlflow_serve
 
     records = list(score_episodes(seed_episodes(8), starter_tokenizer, DemonstrationTeacher(), fmt="react", top_k=1,
                                   fingerprint=tokenizer_fingerprint(starter_tokenizer)))
-    write_shard(records, tmp_path / "records" / "part-00000.parquet")
+    root = f"{s3_server}/multinode-train"
+    write_shard(records, f"{root}/records/part-00000.parquet")
     build_student(starter_dir, tmp_path / "student-init", 1)
+    storage.upload_dir(tmp_path / "student-init", f"{root}/student-init")
     client = mlflow.MlflowClient(mlflow_server)
     run_id = client.create_run(client.create_experiment("multinode")).info.run_id
 
     settings = TrainConfig(steps=2, batch_size=1, grad_accum=1, num_workers=2, threads=1, checkpoint_every=2,
                            cpus_per_worker=0.5, resources_per_worker={"slot": 1}, placement_strategy="SPREAD")
-    result = train_on_records(tmp_path / "records", tmp_path / "student-init", tmp_path / "out", settings,
-                              LossConfig(objective="sft"), CurriculumConfig(c0=1.0, ramp=0.0), run_name="spread",
-                              tracking_uri=mlflow_server, mlflow_run_id=run_id)
-    assert result.steps == 2
+    def train():
+        return train_on_records(f"{root}/records", f"{root}/student-init", f"{root}/out", settings,
+                                LossConfig(objective="sft"), CurriculumConfig(c0=1.0, ramp=0.0), run_name="spread",
+                                tracking_uri=mlflow_server, mlflow_run_id=run_id)
+
+    result = train()
+    assert result.steps == 2 and result.student_dir == f"{root}/out/student"
+    assert {storage.name(p) for p in storage.list_files(result.student_dir)} >= {
+        "config.json", "model.safetensors", "tokenizer.json", "sad_ray_train.json"}
+    assert storage.is_dir(f"{root}/out/ray_train") and not (tmp_path / "out").exists()
+    assert train() == result  # a rerun finds the finished student through the URI
     # Two workers on the two worker nodes, one each (packed, both would have fit on one).
     nodes = actor_nodes("RayTrainWorker")
     assert sorted(nodes) == sorted([cluster["node_a"], cluster["node_b"]]), nodes
@@ -112,7 +127,9 @@ def test_train_workers_spread_over_nodes_and_rank0_logs_through_the_mlflow_serve
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2]
 
 
-def test_rollout_actors_spread_over_nodes(cluster, tmp_path, starter_dir):
+def test_rollout_actors_spread_over_nodes(cluster, s3_server, tmp_path, starter_dir):
+    """Two rollout actors on two nodes, each staging the teacher from S3 on its node; the records go to S3."""
+    from sad_ray import storage
     from sad_ray.records import read_records
     from sad_ray.rollout.engines import EngineConfig
     from sad_ray.rollout.pipeline import RecordRecipe, RolloutConfig, run_rollouts
@@ -120,7 +137,10 @@ def test_rollout_actors_spread_over_nodes(cluster, tmp_path, starter_dir):
     cfg = RolloutConfig(envs=("hotpotqa",), tasks_per_env=4, keep="all", max_steps=1, max_new_tokens=8,
                         tasks_per_batch=1, actors=2, cpus_per_actor=1.0, resources_per_actor={"slot": 1},
                         engine=EngineConfig(kind="hf", max_model_len=4096))
-    report = run_rollouts(starter_dir, tmp_path / "records", cfg, RecordRecipe(top_k=2, max_tokens=4096))
-    assert report.episodes == 4 and len(read_records(tmp_path / "records")) == report.written
+    root = f"{s3_server}/multinode-rollout"
+    storage.upload_dir(starter_dir, f"{root}/{starter_dir.name}")
+    report = run_rollouts(f"{root}/{starter_dir.name}", f"{root}/records", cfg, RecordRecipe(top_k=2, max_tokens=4096))
+    assert report.episodes == 4 and len(read_records(f"{root}/records")) == report.written
+    assert all(p.startswith(f"{root}/records/part-") for p in report.shards)
     nodes = actor_nodes("MapWorker")
     assert sorted(nodes) == sorted([cluster["node_a"], cluster["node_b"]]), nodes

@@ -87,7 +87,8 @@ def bootstrapped_teacher_dir(cache_dir: Path, name: str = DEFAULT_TEACHER) -> Pa
 def resolve_model(spec: str, cache_dir: Path) -> Path:
     """Map a model spec to a local HF directory: `starter[:smollm2-135m-instruct]`, `bootstrap[:<name>]` (a
     teacher made by jobs/bootstrap_teacher.py, default name react-teacher), a directory path, or a Hugging Face
-    Hub id `org/name` that is not a local path (downloaded once into `cache_dir/hub/org/name`)."""
+    Hub id `org/name` that is not a local path (downloaded once into `cache_dir/hub/org/name`), or a folder's URI
+    (`s3://...`, `gs://...`: copied once to this node, sad_ray.storage.stage)."""
     if spec == "bootstrap" or spec.startswith("bootstrap:"):
         name = spec.partition(":")[2] or DEFAULT_TEACHER
         path = bootstrapped_teacher_dir(cache_dir, name)
@@ -101,7 +102,9 @@ def resolve_model(spec: str, cache_dir: Path) -> Path:
         if name != STARTER_NAME:
             raise ValueError(f"unknown starter model {name!r} in spec {spec!r}; known: {STARTER_NAME!r}")
         return provision_starter(cache_dir)
-    path = Path(spec).expanduser()
+    from sad_ray import storage
+
+    path = storage.stage(spec) if storage.is_remote(spec) else (storage.local_path(spec) or Path(spec))
     if not path.exists() and is_hub_id(spec):
         return download_hub_model(spec, cache_dir)
     if not path.is_dir():

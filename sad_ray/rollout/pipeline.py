@@ -98,8 +98,10 @@ class RolloutActor:
 
         from sad_ray.models.identity import teacher_id
         from sad_ray.models.tokenizers import tokenizer_fingerprint
+        from sad_ray.storage import stage
 
         self.cfg, self.seg, self.env_kwargs = cfg, seg, env_kwargs
+        teacher_dir = str(stage(teacher_dir))  # a URI is copied to this node once; the folder keeps its name
         # What the records name as their teacher: the model's folder name and weights fingerprint.
         self.teacher_id = teacher_id(teacher_dir)
         self.engine = make_engine(teacher_dir, cfg.engine, precision)

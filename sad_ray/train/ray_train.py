@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from sad_ray import storage
 from sad_ray.atomic import replace_dir
 from sad_ray.console import clock
 from sad_ray.method.curriculum import CurriculumConfig
@@ -134,8 +135,7 @@ def scan_records(records_dir: str | Path, split: str = "train", teacher: str | N
     """
     from sad_ray.records import RecordError, iter_records, teacher_mismatch
 
-    records_dir = Path(records_dir)
-    if not records_dir.exists():
+    if not storage.exists(records_dir) and not storage.is_dir(records_dir):
         raise TrainSetupError(f"records directory {records_dir} does not exist")
     if not shard_paths(records_dir):
         raise TrainSetupError(f"records directory {records_dir} holds no record shards (part-*.parquet)")
@@ -202,7 +202,7 @@ def check_model(student_dir: str | Path, fingerprint: str, trust_remote_code: bo
 
     from sad_ray.models.tokenizers import tokenizer_fingerprint
 
-    student_dir = Path(student_dir)
+    student_dir = storage.stage(student_dir)  # the folder itself, or this node's copy of a URI
     if not (student_dir / "config.json").is_file():
         raise TrainSetupError(f"student model {student_dir} is not a Hugging Face directory (no config.json)")
     try:
@@ -399,9 +399,10 @@ def _setup_worker(config: dict[str, Any], rank: int, world: int) -> _Worker:
         # One sampler per rank over its own shard (sad_ray.method.curriculum); ranks draw with their own seeds.
         sampler = CurriculumSampler(complexity, replace(cur, seed=cur.seed * 1000 + rank), local_batch, s.steps)
 
-    tokenizer = AutoTokenizer.from_pretrained(config["student_dir"])
+    student_dir = storage.stage(config["student_dir"])  # a URI is copied to this node once
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    lm = AutoModelForCausalLM.from_pretrained(config["student_dir"], dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     lm.config.use_cache = False
     if s.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -737,6 +738,10 @@ def train_on_records(
     on one-hot demonstration records); the trained model lands in `final_dir` (default `out_dir/student`),
     checkpoints in `out_dir/ray_train/<run_name>-<run identity>`.
 
+    Each of `records_dir`, `student_dir`, `out_dir` and `final_dir` is a local path or a URI (sad_ray.storage):
+    workers read the records through Ray Data and stage the start model on their node; Ray Train persists the
+    checkpoints to the URI and restores from it on whatever node a restarted worker lands.
+
     `teacher` is the teacher id the records must carry (records of another teacher are refused, naming the file).
     A run is identified by its teacher, start model (weights), data (record ids) and settings (`run_identity`):
     rerunning it resumes from its last checkpoint, or returns at once when it finished; a changed one is a new run.
@@ -747,14 +752,19 @@ def train_on_records(
 
     from sad_ray.console import init_ray, relay
 
-    out_dir = Path(out_dir).expanduser().resolve()
-    final = Path(final_dir).expanduser().resolve() if final_dir is not None else out_dir / "student"
-    done_marker = final / "sad_ray_train.json"
+    local_out = storage.local_path(out_dir)
+    out_dir = local_out.resolve() if local_out is not None else str(out_dir).rstrip("/")
+    if final_dir is None:
+        final = storage.join(out_dir, "student")
+    else:
+        local_final = storage.local_path(final_dir)
+        final = local_final.resolve() if local_final is not None else str(final_dir)
+    done_marker = storage.join(final, "sad_ray_train.json")
     summary = scan_records(records_dir, settings.split, teacher, settings.bad_shards)
     vocab = check_model(student_dir, summary.fingerprint, trust_remote_code)
-    run_id = run_identity(summary, student_dir, settings, loss_cfg, curriculum_cfg, precision)
-    if done_marker.exists():
-        saved = json.loads(done_marker.read_text())
+    run_id = run_identity(summary, storage.stage(student_dir), settings, loss_cfg, curriculum_cfg, precision)
+    if storage.is_file(done_marker):
+        saved = json.loads(storage.read_bytes(done_marker))
         if saved.get("run") == run_id:
             log.info("train: %s already holds the student of this run (%s)", final, run_id)
             return TrainResult(**saved["result"])
@@ -773,13 +783,17 @@ def train_on_records(
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     # Each worker keeps the rows of `settings.split` from its own shard (see _load_shard).
-    dataset = ray.data.read_parquet(list(summary.shards), num_cpus=0.25)
+    fs = storage.resolve(summary.shards[0])[0] if storage.is_remote(summary.shards[0]) else None
+    dataset = ray.data.read_parquet([storage.resolve(p)[1] for p in summary.shards] if fs else list(summary.shards),
+                                    filesystem=fs, num_cpus=0.25)
     with relay() as console:  # the workers' log lines, shown on this console
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={
                 "settings": settings, "loss": loss_cfg, "curriculum": curriculum_cfg, "bounds": summary.bounds,
-                "student_dir": str(Path(student_dir).resolve()), "vocab_size": vocab,
+                "student_dir": str(student_dir) if storage.is_remote(student_dir) else
+                str(storage.local_path(student_dir).resolve()),
+                "vocab_size": vocab,
                 "tracking_uri": _absolute_tracking_uri(tracking_uri) if tracking_uri else None,
                 "run_id": mlflow_run_id, "precision": precision, "relay": console,
             },
@@ -790,7 +804,7 @@ def train_on_records(
                 placement_strategy=settings.placement_strategy,
             ),
             run_config=ray.train.RunConfig(
-                name=f"{run_name}-{run_id}", storage_path=str(out_dir / "ray_train"),
+                name=f"{run_name}-{run_id}", storage_path=str(storage.join(out_dir, "ray_train")),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
                 failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
                 worker_runtime_env={"env_vars": {k: os.environ[k] for k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")
@@ -807,8 +821,11 @@ def train_on_records(
         hf = Path(d) / HF_SUBDIR
         if not hf.is_dir():
             raise RuntimeError(f"the final checkpoint {result.checkpoint.path} has no {HF_SUBDIR}/ model")
-        tmp = final.parent / f".{final.name}.tmp"
-        final.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(final, Path):
+            tmp = final.parent / f".{final.name}.tmp"
+            final.parent.mkdir(parents=True, exist_ok=True)
+        else:  # assembled here, uploaded below
+            tmp = Path(tempfile.mkdtemp(prefix="sad-ray-student-")) / "student"
         if tmp.exists():
             shutil.rmtree(tmp)
         shutil.copytree(hf, tmp)
@@ -820,5 +837,14 @@ def train_on_records(
     (tmp / "sad_ray_train.json").write_text(json.dumps({"result": asdict(res), "run": run_id,
                                                         "teacher": summary.teacher,
                                                         "settings": asdict(settings)}, indent=2))
-    replace_dir(tmp, final)
+    if isinstance(final, Path):
+        replace_dir(tmp, final)
+    else:
+        # The marker goes last: a crash mid-upload leaves a student folder without it, which a rerun redoes.
+        marker = tmp / "sad_ray_train.json"
+        done = marker.read_bytes()
+        marker.unlink()
+        storage.upload_dir(tmp, final)
+        storage.write_bytes(done_marker, done)
+        shutil.rmtree(tmp.parent, ignore_errors=True)
     return res
