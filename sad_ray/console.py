@@ -122,6 +122,10 @@ def init_ray(**kwargs: Any) -> None:
     if ray.is_initialized():
         return
     address = _cluster_address()
+    # A new local cluster turns token authentication on by itself (a token made once in ~/.ray) and warns so at
+    # every start; the summary line below says it instead. (Setting RAY_AUTH_MODE here would come too late: Ray
+    # reads it into its config when imported.)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # configure_logging=False: Ray's driver loggers propagate to ours (filtered) instead of a handler of its own.
     context = ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False, **kwargs)
     import ray.data  # noqa: F401  (it configures its own console handler when imported: filter that one too)
@@ -129,9 +133,15 @@ def init_ray(**kwargs: Any) -> None:
     _filter_consoles()
     resources = ray.cluster_resources()
     dashboard = getattr(context, "dashboard_url", None)
-    log.info("ray: %s (%g CPUs, %g GPUs%s); workers' logs are in Ray's log folder, session_latest/logs",
+    try:  # Ray's own check (private: a release that moves it only loses the note)
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    except ImportError:
+        def is_token_auth_enabled() -> bool:
+            return False
+    log.info("ray: %s (%g CPUs, %g GPUs%s%s); workers' logs are in Ray's log folder, session_latest/logs",
              f"joined the cluster at {address}" if address else "started a local cluster",
-             resources.get("CPU", 0), resources.get("GPU", 0), f", dashboard http://{dashboard}" if dashboard else "")
+             resources.get("CPU", 0), resources.get("GPU", 0), f", dashboard http://{dashboard}" if dashboard else "",
+             ", token authentication on" if is_token_auth_enabled() else "")
 
 
 class _RelayActor:

@@ -181,6 +181,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path, data, refere
                           capture_output=True, text=True, timeout=900)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-3000:]
+    # The script started its own local cluster (sad_ray.console.init_ray) without Ray's token notice on the console.
+    assert "Token authentication is enabled" not in done.stdout + done.stderr
     out = json.loads(lines[-1][len("RESULT "):])
     assert out["pids"], "no Ray Train worker process found"
     assert not out["errors"], out["errors"]
