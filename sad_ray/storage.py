@@ -13,6 +13,7 @@ for an S3-compatible server; on a cluster every node needs them (docs/scaling.md
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -176,8 +177,8 @@ def _listing(fs: pafs.FileSystem, path: str) -> dict[str, list]:
 def stage(where: Location) -> Path:
     """A local directory with the folder's files: the folder itself when it is local, else this node's copy
     (`<staging root>/<hash of the URI>/<folder name>`, so the folder keeps its name), refreshed when the source's
-    listing (names, sizes, modification times; object stores keep the times to the second) changed. Concurrent
-    stagers on one node each copy to their own temp folder; the first to finish puts it in place."""
+    listing (names, sizes, modification times; object stores keep the times to the second) changed. Stagers of one
+    URI on one node take turns (a file lock), so none replaces a copy another is loading from."""
     local = local_path(where)
     if local is not None:
         return local
@@ -188,16 +189,16 @@ def stage(where: Location) -> Path:
     home = staging_root() / hashlib.sha256(os.fspath(where).encode()).hexdigest()[:16]
     target = home / name(where)
     manifest = target / MANIFEST
-    if manifest.is_file() and json.loads(manifest.read_text()) == listing:
-        return target
     home.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name(where)}.tmp-", dir=home))
-    try:
-        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        (tmp / MANIFEST).write_text(json.dumps(listing))
+    with open(home / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
         if manifest.is_file() and json.loads(manifest.read_text()) == listing:
-            return target  # another stager on this node finished first
-        replace_dir(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name(where)}.tmp-", dir=home))
+        try:
+            pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            (tmp / MANIFEST).write_text(json.dumps(listing))
+            replace_dir(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -489,3 +489,48 @@ def test_a_checkpoint_is_restored_only_onto_the_records_its_curriculum_was_built
         _restore(tmp_path, worker(["a", "b", "c", "d"], [0.4, 0.3, 0.2, 0.1]), 0)
     with pytest.raises(TrainSetupError, match="no state for worker 1"):
         _restore(tmp_path, same, 1)
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(tmp_path, data, reference):
+    """The run's storage is a small filesystem (a tmpfs with room for about one and a half checkpoints): the second
+    checkpoint's write fails with ENOSPC, the retry from the first fails the same way, and the run stops with the
+    OS error. The first checkpoint is intact; once there is room, the same run resumes from it and ends as the
+    uninterrupted run did."""
+    import subprocess
+
+    import torch
+
+    done = sorted((reference["student"].parent / "ray_train").glob("reference-*/checkpoint_*"))
+    size = min(sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in done)
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5)}", "tmpfs", str(mnt)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"a small filesystem could not be mounted here (needs root): {mount.stderr.strip()}")
+    try:
+        uri, run_id = mlflow_run(tmp_path)
+
+        def train():
+            return train_on_records(data / "records", data / "student-init", mnt / "out",
+                                    TrainConfig(**SAME_RUN, max_failures=1), LossConfig(), CurriculumConfig(ramp=0.5),
+                                    run_name="full", tracking_uri=uri, mlflow_run_id=run_id)
+
+        with pytest.raises(Exception) as failed:  # noqa: PT011 - Ray wraps the worker's OSError
+            train()
+        assert "No space left on device" in f"{failed.value!r} {failed.value.__cause__!r}", repr(failed.value)
+        good = [json.loads(p.read_text()) for p in mnt.glob("out/ray_train/full-*/checkpoint_*/progress.json")]
+        assert [g["step"] for g in good] == [3], good
+        (state,) = mnt.glob("out/ray_train/full-*/checkpoint_*/state.pt")
+        torch.load(state, weights_only=False, map_location="cpu")  # reads back whole
+        assert max(s for s, _ in loss_history(uri, run_id)) == 6  # it got to the second checkpoint, twice
+
+        resize = subprocess.run(["mount", "-o", f"remount,size={size * 8}", str(mnt)], capture_output=True, text=True)
+        assert resize.returncode == 0, resize.stderr
+        result = train()
+        assert result.steps == 12
+        assert [int(v) for _, v in loss_history(uri, run_id, "train/resumed_from_step")][-1] == 3
+        assert_same_as_reference(reference, uri, run_id, Path(result.student_dir), rtol=1e-4, grad_rtol=1e-4,
+                                 atol=1e-5)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
