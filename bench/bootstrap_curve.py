@@ -50,7 +50,8 @@ def as_hf(checkpoint: Path, base: Path, target: Path) -> Path:
     return target
 
 
-def measure(cfg: Config, tasks_per_env: tuple[int, ...], max_steps: int | None) -> Path:
+def measure(cfg: Config, tasks_per_env: tuple[int, ...], max_steps: int | None,
+            only: set[int] | None = None) -> Path:
     from sad_ray.bootstrap import env_tasks, settings_hash, teacher_home
     from sad_ray.eval.agent_eval import evaluate_agent
     from sad_ray.models.starter import resolve_model
@@ -67,7 +68,7 @@ def measure(cfg: Config, tasks_per_env: tuple[int, ...], max_steps: int | None) 
     tasks = env_tasks(cfg, "test", tasks_per_env)
     for step, checkpoint in found.items():
         out = curve / f"step-{step}.json"
-        if out.is_file():
+        if out.is_file() or (only and step not in only):
             continue
         model = as_hf(checkpoint, base, curve / f"model-step-{step}")
         report = evaluate_agent(model, tasks, cfg.bootstrap.eval_engine, max_new_tokens=cfg.bootstrap.eval_max_new_tokens,
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--config", default=None)
     parser.add_argument("--tasks", default="40,0,0", help="held-out tasks per env of bootstrap.envs")
     parser.add_argument("--max-steps", type=int, default=30)
+    parser.add_argument("--steps", default="", help="measure only these checkpoints (e.g. 20,40); default all kept")
     parser.add_argument("--publish", default=None, help="also copy the results and table into this folder (e.g. "
                         "bench/results/bootstrap-curve/<name>, committed with the code that produced them)")
     parser.add_argument("--table", default=None, help="only regenerate curve.md from the step-*.json in this folder")
@@ -120,7 +122,8 @@ def main() -> None:
         print(write_table(Path(args.table)).read_text())
         return
     cfg = load_config(args.config, args.overrides)
-    table = measure(cfg, tuple(int(n) for n in args.tasks.split(",")), args.max_steps)
+    table = measure(cfg, tuple(int(n) for n in args.tasks.split(",")), args.max_steps,
+                    {int(n) for n in args.steps.split(",") if n} or None)
     if args.publish:
         import shutil
 
