@@ -1,8 +1,9 @@
 """A worker node lost mid-stage, on Ray's own multi-node test cluster (`ray.cluster_utils.Cluster`, real raylets).
 
 Each test starts its stage on a "victim" node (the only one with the `slot` resource the stage's actors or workers
-ask for), waits until the stage has made durable progress (a shard or a checkpoint on disk), adds a rescue node,
-removes the victim (its raylet and every process on it are killed) and checks what the stage made of it:
+ask for), waits until the stage has made durable progress (a shard or a checkpoint on disk), removes the victim
+(its raylet and every process on it are killed), adds a rescue node as an autoscaler would, and checks what the
+stage made of it:
 
 - rollouts: Ray Data restarts the lost actor on the rescue node and replays the batch it held (its actors restart
   without limit and their tasks retry); the driver alone writes shards, whole records only, so every task ends
@@ -66,11 +67,13 @@ def wait_for(what: str, check, thread: threading.Thread, timeout: float = 300.0)
 
 
 def lose_node(c, victim) -> float:
-    """Add a rescue node with the victim's resources, then kill the victim; returns when it was removed."""
+    """Kill the victim, then add a rescue node with its resources (as an autoscaler would); returns when the
+    victim was removed."""
+    c.remove_node(victim, allow_graceful=False)
+    lost_at = time.monotonic()
     c.add_node(num_cpus=2, resources={"slot": 2})
     c.wait_for_nodes()
-    c.remove_node(victim, allow_graceful=False)
-    return time.monotonic()
+    return lost_at
 
 
 def finish(thread: threading.Thread, box: dict, timeout: float = 600.0):
@@ -88,7 +91,7 @@ def test_a_node_lost_mid_rollout_replays_its_batch_and_writes_each_episode_once(
 
     c, victim = cluster
     out = tmp_path / "records"
-    cfg = RolloutConfig(envs=("hotpotqa",), tasks_per_env=6, keep="all", max_steps=1, max_new_tokens=8,
+    cfg = RolloutConfig(envs=("hotpotqa",), tasks_per_env=10, keep="all", max_steps=1, max_new_tokens=8,
                         tasks_per_batch=1, actors=1, cpus_per_actor=1.0, resources_per_actor=SLOT,
                         engine=EngineConfig(kind="hf", max_model_len=4096))
     thread, box = run_in_thread(lambda: run_rollouts(starter_dir, out, cfg, RecordRecipe(top_k=2, max_tokens=4096),
@@ -105,8 +108,8 @@ def test_a_node_lost_mid_rollout_replays_its_batch_and_writes_each_episode_once(
     written = {episode_id(i) for i in ids}
     ledgered = set(dropped_episodes(out))
     assert not written & ledgered, "an episode has both records and a ledger line"
-    assert len(written | ledgered) == 6, (written, ledgered)
-    assert report.episodes == 6 and len(shard_paths(out)) > before
+    assert len(written | ledgered) == 10, (written, ledgered)
+    assert report.episodes == 10 and len(shard_paths(out)) > before
     print(f"rollout: node lost after {before} shard(s); the stage finished {recovered:.1f} s later")
 
 
