@@ -419,7 +419,12 @@ def read_shard_table(path: str | Path) -> pa.Table:
     missing = [name for name in SCHEMA.names if name not in schema.names]
     if missing:
         raise RecordError("<file>", missing[0], "column is missing", str(path))
-    return pq.read_table(where, columns=SCHEMA.names, filesystem=fs)  # a v1 file's complexity column is left out
+    return _read_columns(path, SCHEMA.names)  # a v1 file's complexity column is left out
+
+
+def _read_columns(shard: str | Path, columns: list[str]) -> pa.Table:
+    fs, where = storage.resolve(shard)
+    return pq.read_table(where, columns=columns, filesystem=fs)
 
 
 def iter_records(
@@ -444,13 +449,9 @@ def read_records(path: str | Path, on_error: Literal["raise", "skip"] = "raise")
 
 def existing_ids(path: str | Path) -> set[str]:
     """Ids already written under `path` (reads only the id column)."""
-    if not storage.exists(path) and not storage.is_dir(path):
+    if not storage.exists(path):
         return set()
-    ids: set[str] = set()
-    for shard in shard_paths(path):
-        fs, where = storage.resolve(shard)
-        ids.update(pq.read_table(where, columns=["id"], filesystem=fs)["id"].to_pylist())
-    return ids
+    return {i for shard in shard_paths(path) for i in _read_columns(shard, ["id"])["id"].to_pylist()}
 
 
 class TeacherMismatchError(ValueError):
@@ -466,13 +467,10 @@ def teacher_mismatch(shard: str | Path, found: str, expected: str) -> str:
 
 def shard_teachers(path: str | Path) -> dict[Path, set[str]]:
     """The teacher ids in each shard under `path` (reads only the teacher_model column); {} if there is none."""
-    if not storage.exists(path) and not storage.is_dir(path):
+    if not storage.exists(path):
         return {}
-    out = {}
-    for shard in shard_paths(path):
-        fs, where = storage.resolve(shard)
-        out[shard] = set(pq.read_table(where, columns=["teacher_model"], filesystem=fs)["teacher_model"].to_pylist())
-    return out
+    return {shard: set(_read_columns(shard, ["teacher_model"])["teacher_model"].to_pylist())
+            for shard in shard_paths(path)}
 
 
 def check_teacher(path: str | Path, teacher: str) -> None:

@@ -64,6 +64,12 @@ def join(where: Location, *parts: str) -> Path | str:
     return "/".join([os.fspath(where).rstrip("/"), *parts])
 
 
+def absolute(where: Location) -> Path | str:
+    """A local location as an absolute Path, a remote one as its URI (without a trailing slash)."""
+    local = local_path(where)
+    return local.resolve() if local is not None else os.fspath(where).rstrip("/")
+
+
 def name(where: Location) -> str:
     return os.fspath(where).rstrip("/").rsplit("/", 1)[-1]
 
@@ -74,7 +80,8 @@ def _info(where: Location) -> pafs.FileInfo:
 
 
 def exists(where: Location) -> bool:
-    return _info(where).type != pafs.FileType.NotFound
+    """A file or folder is there (on an object store, a prefix with objects under it counts as a folder)."""
+    return _info(where).type != pafs.FileType.NotFound or (is_remote(where) and is_dir(where))
 
 
 def is_file(where: Location) -> bool:

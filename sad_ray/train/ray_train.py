@@ -135,7 +135,7 @@ def scan_records(records_dir: str | Path, split: str = "train", teacher: str | N
     """
     from sad_ray.records import RecordError, iter_records, teacher_mismatch
 
-    if not storage.exists(records_dir) and not storage.is_dir(records_dir):
+    if not storage.exists(records_dir):
         raise TrainSetupError(f"records directory {records_dir} does not exist")
     if not shard_paths(records_dir):
         raise TrainSetupError(f"records directory {records_dir} holds no record shards (part-*.parquet)")
@@ -202,7 +202,7 @@ def check_model(student_dir: str | Path, fingerprint: str, trust_remote_code: bo
 
     from sad_ray.models.tokenizers import tokenizer_fingerprint
 
-    student_dir = storage.stage(student_dir)  # the folder itself, or this node's copy of a URI
+    student_dir = Path(student_dir)
     if not (student_dir / "config.json").is_file():
         raise TrainSetupError(f"student model {student_dir} is not a Hugging Face directory (no config.json)")
     try:
@@ -752,17 +752,14 @@ def train_on_records(
 
     from sad_ray.console import init_ray, relay
 
-    local_out = storage.local_path(out_dir)
-    out_dir = local_out.resolve() if local_out is not None else str(out_dir).rstrip("/")
-    if final_dir is None:
-        final = storage.join(out_dir, "student")
-    else:
-        local_final = storage.local_path(final_dir)
-        final = local_final.resolve() if local_final is not None else str(final_dir)
+    out_dir = storage.absolute(out_dir)
+    final = storage.absolute(final_dir) if final_dir is not None else storage.join(out_dir, "student")
     done_marker = storage.join(final, "sad_ray_train.json")
+    student_dir = storage.absolute(student_dir)  # what the workers stage on their nodes
+    start = storage.stage(student_dir)  # this node's copy, checked and fingerprinted here
     summary = scan_records(records_dir, settings.split, teacher, settings.bad_shards)
-    vocab = check_model(student_dir, summary.fingerprint, trust_remote_code)
-    run_id = run_identity(summary, storage.stage(student_dir), settings, loss_cfg, curriculum_cfg, precision)
+    vocab = check_model(start, summary.fingerprint, trust_remote_code)
+    run_id = run_identity(summary, start, settings, loss_cfg, curriculum_cfg, precision)
     if storage.is_file(done_marker):
         saved = json.loads(storage.read_bytes(done_marker))
         if saved.get("run") == run_id:
@@ -791,9 +788,7 @@ def train_on_records(
             train_loop,
             train_loop_config={
                 "settings": settings, "loss": loss_cfg, "curriculum": curriculum_cfg, "bounds": summary.bounds,
-                "student_dir": str(student_dir) if storage.is_remote(student_dir) else
-                str(storage.local_path(student_dir).resolve()),
-                "vocab_size": vocab,
+                "student_dir": str(student_dir), "vocab_size": vocab,
                 "tracking_uri": _absolute_tracking_uri(tracking_uri) if tracking_uri else None,
                 "run_id": mlflow_run_id, "precision": precision, "relay": console,
             },
