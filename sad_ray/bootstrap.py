@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from sad_ray import tracking
+from sad_ray import storage, tracking
 from sad_ray.config import Config, to_flat_dict
 from sad_ray.envs.base import Task
 from sad_ray.models.starter import TEACHER_MANIFEST, bootstrapped_teacher_dir
@@ -118,8 +118,7 @@ def run_bootstrap(cfg: Config) -> dict[str, Any]:
                     home, manifest.get("settings_hash"), digest)
     work = home.parent / f"{cfg.bootstrap.name}.work" / digest
     work.mkdir(parents=True, exist_ok=True)
-    out = Path(cfg.paths.output_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    storage.make_dirs(storage.absolute(cfg.paths.output_dir))  # the job run's marker goes there
     with tracking.job_run(cfg, "bootstrap_teacher") as run:
         base = resolve_model(cfg.bootstrap.base, Path(cfg.paths.cache_dir).expanduser())
         with tracking.stage_run("demonstrations", {"demos": cfg.bootstrap.demos, "envs": cfg.bootstrap.envs}):

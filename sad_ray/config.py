@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -196,6 +197,49 @@ class EnvironmentsConfig:
     webshop: WebShopSettings = field(default_factory=WebShopSettings)
 
 
+ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class ArmConfig:
+    """One arm: `set` overrides the experiment's config (`key.sub=value`, as on the command line) for every seed."""
+
+    name: str = ""
+    set: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    train: bool = True  # false: the untrained student (the teacher's student-init) as a reference row
+    note: str = ""  # what the arm asks, for the report
+
+    def __post_init__(self) -> None:
+        if not ARM_NAME.match(self.name) or self.name == "teacher":
+            raise ValueError(f"arm name must be letters, digits, '_', '.', '-' (and not 'teacher'), got {self.name!r}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"arm {self.name}: seeds must be distinct and at least one, got {list(self.seeds)}")
+        if not self.train and len(self.seeds) != 1:
+            raise ValueError(f"arm {self.name}: an untrained arm has one seed (nothing random), got {list(self.seeds)}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """`experiment`: the grid jobs/experiment.py runs (sad_ray/experiment.py)."""
+
+    name: str = "sad-vs-kd"
+    arms: tuple[ArmConfig, ...] = ()
+    baseline: str = ""  # the arm every other is compared with, task by task (token_kd); empty: no differences
+    results_dir: str = ""  # each finished (arm, seed)'s stored results are copied here (kept in the repository)
+    report: str = ""  # the Markdown file regenerated from results_dir (docs/RESULTS.md); empty: none
+    title: str = "Does SAD beat token-level distillation?"
+
+    def __post_init__(self) -> None:
+        if not ARM_NAME.match(self.name):
+            raise ValueError(f"name must be letters, digits, '_', '.', '-', got {self.name!r}")
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"arm names must be distinct, got {names}")
+        if self.baseline and self.baseline not in names:
+            raise ValueError(f"baseline {self.baseline!r} is not an arm ({', '.join(names)})")
+
+
 @dataclass(frozen=True)
 class Config:
     # The one numeric precision of training autocast, every engine (vLLM, transformers, evaluation, serving) and
@@ -216,6 +260,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     environments: EnvironmentsConfig = field(default_factory=EnvironmentsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)  # jobs/experiment.py's grid
 
 
 def resolve_auto(cfg: Config) -> Config:
@@ -262,6 +307,22 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         sources = ([str(path)] if path is not None else []) + (["command-line overrides"] if overrides else [])
         where = f" (from {' + '.join(sources)})" if sources else ""
         raise ConfigError(f"{exc}{where}") from None
+
+
+def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
+    """`cfg` with `key.sub=value` overrides applied in order, as on the command line."""
+    raw = to_dict(cfg)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        _set_path(raw, key.strip().split("."), yaml.safe_load(value) if value.strip() else "")
+    return _build(Config, raw, "")
+
+
+def section_from_dict(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    """One config section (a dataclass) from plain data, as a stored result keeps it."""
+    return _build(cls, raw, f"{prefix}.")
 
 
 def to_flat_dict(cfg: Any, prefix: str = "") -> dict[str, Any]:

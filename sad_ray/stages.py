@@ -1,7 +1,10 @@
 """The distillation job's stages, wired together: models -> teacher records -> student training.
 
 Each stage records itself in MLflow as a child run and leaves its output in `paths.output_dir`, where a rerun
-finds it: records already written are skipped, a finished student is not trained again.
+finds it: records already written are skipped, a finished student is not trained again. The output folder is a
+local path or a URI (`file://` on a shared folder, `s3://`, `gs://`; sad_ray.storage): records and checkpoints
+are written through it, models are built locally and uploaded whole, and whatever needs a local directory (the
+student for a tokenizer check, a model to register) is staged from it.
 
 Everything derived from a teacher lives in that teacher's folder, named by its id (folder name and weights
 fingerprint, `sad_ray.models.identity`), so a new teacher (e.g. after `jobs/bootstrap_teacher.py`) starts fresh
@@ -20,12 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sad_ray import tracking
+from sad_ray import storage, tracking
 from sad_ray.config import Config, resolve_auto, to_flat_dict
 from sad_ray.envs.base import Episode
 from sad_ray.envs.seed import seed_episodes
@@ -127,18 +131,21 @@ class TeacherFolders:
 
     teacher: Path  # the teacher model's directory
     teacher_id: str  # `<name>@<fingerprint>`: what its records carry in `teacher_model`
-    root: Path  # <output_dir>/teacher-<name>-<fingerprint>
+    root: Path | str  # <output_dir>/teacher-<name>-<fingerprint>: a local Path or a URI (sad_ray.storage)
 
     @property
-    def records(self) -> Path:
-        return self.root / "records"
+    def records(self) -> Path | str:
+        return storage.join(self.root, "records")
 
     @property
-    def student_init(self) -> Path:
-        return self.root / "student-init"
+    def student_init(self) -> Path | str:
+        return storage.join(self.root, "student-init")
 
-    def student(self, name: str) -> Path:
-        return self.root / "students" / name
+    def student(self, name: str) -> Path | str:
+        return storage.join(self.root, "students", name)
+
+    def file(self, name: str) -> Path | str:
+        return storage.join(self.root, name)
 
 
 def teacher_folder_name(teacher: str) -> str:
@@ -148,17 +155,26 @@ def teacher_folder_name(teacher: str) -> str:
     return f"teacher-{safe}-{fingerprint[:12]}"
 
 
-def teacher_folders(cfg: Config, out: Path) -> TeacherFolders:
-    """Resolve `models.teacher`, identify it by content, and make (or find) its folder under `out`."""
+def output_root(cfg: Config) -> Path | str:
+    """`paths.output_dir`, made: an absolute local Path, or the URI as given."""
+    out = storage.absolute(cfg.paths.output_dir)
+    storage.make_dirs(out)
+    return out
+
+
+def teacher_folders(cfg: Config, out: Path | str) -> TeacherFolders:
+    """Resolve `models.teacher`, identify it by content, and make (or find) its folder under `out` (a local
+    path or a URI)."""
     from sad_ray.models.identity import teacher_id
     from sad_ray.models.starter import resolve_model
 
     teacher = resolve_model(cfg.models.teacher, Path(cfg.paths.cache_dir).expanduser())
     tid = teacher_id(teacher)
-    root = out / teacher_folder_name(tid)
-    root.mkdir(parents=True, exist_ok=True)
-    if not (root / "teacher.json").exists():
-        (root / "teacher.json").write_text(json.dumps({"teacher_id": tid, "path": str(teacher)}, indent=2) + "\n")
+    root = storage.join(out, teacher_folder_name(tid))
+    storage.make_dirs(root)
+    info = storage.join(root, "teacher.json")
+    if not storage.exists(info):
+        storage.write_bytes(info, (json.dumps({"teacher_id": tid, "path": str(teacher)}, indent=2) + "\n").encode())
     log.info("teacher %s (%s): its records, student-init and students are in %s", tid, teacher, root)
     return TeacherFolders(teacher, tid, root)
 
@@ -168,14 +184,28 @@ def training_run_name(cfg: Config) -> str:
     return f"{cfg.loss.objective}-seed{cfg.train.seed}"
 
 
-def stage_models(cfg: Config, folders: TeacherFolders) -> tuple[Path, int]:
-    """The student to start from and the vocabulary it shares with the teacher.
+def _student_info(where: Path | str) -> dict:
+    """The info file build_student left in a student folder, local or remote ({} when there is none)."""
+    from sad_ray.models.student import STUDENT_INFO_NAME, read_student_info
+
+    if not storage.is_remote(where):
+        return read_student_info(Path(where)) or {}
+    info = storage.join(where, STUDENT_INFO_NAME)
+    try:
+        return json.loads(storage.read_bytes(info)) if storage.is_file(info) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def stage_models(cfg: Config, folders: TeacherFolders) -> tuple[Path | str, int]:
+    """The student to start from (a local Path or a URI) and the vocabulary it shares with the teacher.
 
     Without `models.student`, the student is cut from the teacher into the teacher's `student-init/`, rebuilt
     whenever its info file names another teacher id or recipe (`models.student_layers`) than the current ones.
+    Under a URI output folder it is built in a local temporary folder and uploaded whole.
     """
     from sad_ray.models.starter import resolve_model
-    from sad_ray.models.student import build_student, read_student_info, student_recipe
+    from sad_ray.models.student import build_student, student_recipe
     from sad_ray.models.tokenizers import check_compatible
 
     cache = Path(cfg.paths.cache_dir).expanduser()
@@ -184,15 +214,24 @@ def stage_models(cfg: Config, folders: TeacherFolders) -> tuple[Path, int]:
             student = resolve_model(cfg.models.student, cache)
         else:
             student = folders.student_init
-            info = read_student_info(student) or {}
+            info = _student_info(student)
             want = {"teacher_id": folders.teacher_id, "recipe": student_recipe(cfg.models.student_layers)}
             have = {k: info.get(k) for k in want}
             if have != want:
                 if info:
                     log.info("models: %s was built as %s, this run wants %s; rebuilding it", student, have, want)
-                built = build_student(folders.teacher, student, cfg.models.student_layers, cfg.models.trust_remote_code)
+                if storage.is_remote(student):
+                    storage.staging_root().mkdir(parents=True, exist_ok=True)
+                    with tempfile.TemporaryDirectory(prefix="student-init-", dir=storage.staging_root()) as tmp:
+                        built = build_student(folders.teacher, Path(tmp) / "student-init", cfg.models.student_layers,
+                                              cfg.models.trust_remote_code)
+                        storage.upload_dir(Path(tmp) / "student-init", student)
+                else:
+                    built = build_student(folders.teacher, student, cfg.models.student_layers,
+                                          cfg.models.trust_remote_code)
                 tracking.log_metrics({"teacher_params": built.teacher_params, "student_params": built.student_params})
-        vocab = check_compatible(folders.teacher, student, cfg.models.trust_remote_code)
+        vocab = check_compatible(folders.teacher, storage.stage(student) if storage.is_remote(student) else student,
+                                 cfg.models.trust_remote_code)
         tracking.log_metrics({"shared_vocab": vocab})
     return student, vocab
 
@@ -276,8 +315,6 @@ def env_kwargs(cfg: Config) -> dict[str, dict]:
 
 def stage_rollouts(cfg: Config, folders: TeacherFolders) -> ScoreReport:
     """The teacher plays the environments on Ray Data; records are streamed into shards."""
-    import mlflow
-
     from sad_ray.rollout.pipeline import RecordRecipe, run_rollouts
 
     check_teacher(folders.records, folders.teacher_id)
@@ -290,20 +327,29 @@ def stage_rollouts(cfg: Config, folders: TeacherFolders) -> ScoreReport:
                               precision=cfg.precision)
         tracking.log_metrics(result.metrics())
         if result.shards:
-            sample = [r.to_row() for r in read_records(result.shards[0])[:3]]
-            write_jsonl(sample, records_dir.parent / "rollout_sample.jsonl")
-            mlflow.log_artifact(str(records_dir.parent / "rollout_sample.jsonl"))
+            write_sample([r.to_row() for r in read_records(result.shards[0])[:3]], folders.file("rollout_sample.jsonl"))
     log.info("rollout: %s", result.metrics())
     return ScoreReport(kept=result.written, dropped=result.dropped)
 
 
-def stage_train(cfg: Config, folders: TeacherFolders, student_init: Path) -> dict:
+def write_sample(rows: list[dict], where: Path | str) -> None:
+    """A few records as JSON lines at `where` (local or URI) and as an artifact of the active MLflow run."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / storage.name(where)
+        write_jsonl(rows, local)
+        mlflow.log_artifact(str(local))
+        storage.write_bytes(where, local.read_bytes())
+
+
+def stage_train(cfg: Config, folders: TeacherFolders, student_init: Path | str, name: str | None = None) -> dict:
     """The student trained on the teacher's records under Ray Train (sad_ray.train.ray_train), then registered.
 
     Each training run has its own folder, `students/<objective>-seed<seed>`, and its own MLflow child run,
     `train-<objective>-seed<seed>`, so runs of different objectives or seeds never overwrite one another; each
     trained student is a version of `tracking.register_student_as` tagged with its objective, seed, teacher and
-    run identity.
+    run identity. `name` replaces `<objective>-seed<seed>` (jobs/experiment.py: `<experiment>/<arm>-seed<seed>`).
     """
     import itertools
 
@@ -311,17 +357,16 @@ def stage_train(cfg: Config, folders: TeacherFolders, student_init: Path) -> dic
 
     from sad_ray.train.ray_train import train_on_records
 
-    name = training_run_name(cfg)
+    name = name or training_run_name(cfg)
     final = folders.student(name)
     tags = {"sad_ray.objective": cfg.loss.objective, "sad_ray.seed": cfg.train.seed,
             "sad_ray.teacher": folders.teacher_id}
-    sample = folders.root / "records_sample.jsonl"
+    sample = folders.file("records_sample.jsonl")
     with tracking.stage_run("train", {"objective": cfg.loss.objective,
                                       **{f"train.{k}": v for k, v in to_flat_dict(cfg.train).items()}},
                             name=f"train-{name}", tags=tags) as run:
-        if folders.records.exists() and not sample.exists():
-            write_jsonl([r.to_row() for r in itertools.islice(iter_records(folders.records), 3)], sample)
-            mlflow.log_artifact(str(sample))
+        if storage.exists(folders.records) and not storage.exists(sample):
+            write_sample([r.to_row() for r in itertools.islice(iter_records(folders.records), 3)], sample)
         result = train_on_records(
             folders.records, student_init, folders.root, cfg.train, cfg.loss, cfg.curriculum, run_name=name,
             tracking_uri=cfg.tracking.tracking_uri, mlflow_run_id=run.info.run_id,
@@ -331,15 +376,17 @@ def stage_train(cfg: Config, folders: TeacherFolders, student_init: Path) -> dic
         tracking.log_metrics({"train/final_loss": result.loss, "train/tokens_per_second": result.tokens_per_second,
                               "train/data_wait_fraction": result.data_wait_seconds / result.seconds
                               if result.seconds else 0.0})
-        identity = json.loads((final / "sad_ray_train.json").read_text())["run"]
+        identity = json.loads(storage.read_bytes(storage.join(final, "sad_ray_train.json")))["run"]
         mlflow.set_tag("sad_ray.run_identity", identity)
-        marker = final / "sad_ray_registered.json"
-        registered = json.loads(marker.read_text()) if marker.exists() else {}
+        marker = storage.join(final, "sad_ray_registered.json")
+        registered = json.loads(storage.read_bytes(marker)) if storage.is_file(marker) else {}
         if registered.get("run") != identity or registered.get("name") != cfg.tracking.register_student_as:
-            version = tracking.register_model(final, cfg.tracking.register_student_as,
+            version = tracking.register_model(storage.stage(final), cfg.tracking.register_student_as,
                                               tags={**tags, "sad_ray.run_identity": identity})
-            registered = {"name": cfg.tracking.register_student_as, "version": version, "run": identity}
-            marker.write_text(json.dumps(registered))
+            # `mlflow_run_id`: the child run that trained and registered it (a rerun's own finds it here)
+            registered = {"name": cfg.tracking.register_student_as, "version": version, "run": identity,
+                          "mlflow_run_id": run.info.run_id}
+            storage.write_bytes(marker, json.dumps(registered).encode())
         summary = {**asdict(result), "tokens_per_second": result.tokens_per_second, "registered": registered,
                    "run_identity": identity}
     return summary
@@ -352,9 +399,7 @@ def run_train_job(cfg: Config) -> dict:
 
     torch.set_num_threads(cfg.train.threads)
     cfg = resolve_auto(cfg)
-    out = Path(cfg.paths.output_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    folders = teacher_folders(cfg, out)
+    folders = teacher_folders(cfg, output_root(cfg))
     with tracking.job_run(cfg, "train_student", {"teacher": folders.teacher_id}) as run:
         student_init, _ = stage_models(cfg, folders)
         summary = stage_train(cfg, folders, student_init)
@@ -379,9 +424,7 @@ def run_distill(cfg: Config, serve_models: ServeModels | None = None) -> dict:
         built = run_bootstrap(cfg)
     cfg = resolve_auto(cfg)
     log.info("distill: teacher %s, trajectories from %s", cfg.models.teacher, cfg.data.source)
-    out = Path(cfg.paths.output_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    folders = teacher_folders(cfg, out)
+    folders = teacher_folders(cfg, output_root(cfg))
     with tracking.job_run(cfg, "distill", {"teacher": folders.teacher_id}) as run:
         student_init, _ = stage_models(cfg, folders)
         report = stage_records(cfg, folders)
@@ -391,7 +434,7 @@ def run_distill(cfg: Config, serve_models: ServeModels | None = None) -> dict:
             from sad_ray.eval.job import Agent, evaluation_stage
 
             student = Agent(f"student-{training_run_name(cfg)}", summary["student_dir"])
-            evaluation = evaluation_stage(cfg, folders.teacher, [student], folders.root / "eval", serve_models)
+            evaluation = evaluation_stage(cfg, folders.teacher, [student], folders.file("eval"), serve_models)
         return {
             "mlflow_run_id": run.info.run_id,
             "teacher": str(folders.teacher),
@@ -412,9 +455,7 @@ def run_rollout_job(cfg: Config) -> dict:
     """The rollout stage on its own (`jobs/rollout.py`): records from the teacher's play, into the teacher's
     folder (`output_dir/teacher-<name>-<fingerprint>/records`), where the distill and train jobs read them."""
     cfg = resolve_auto(cfg)
-    out = Path(cfg.paths.output_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    folders = teacher_folders(cfg, out)
+    folders = teacher_folders(cfg, output_root(cfg))
     with tracking.job_run(cfg, "rollout", {"teacher": folders.teacher_id}) as run:
         report = stage_rollouts(cfg, folders)
         return {"mlflow_run_id": run.info.run_id, "teacher_id": folders.teacher_id, "records": str(folders.records),

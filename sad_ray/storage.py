@@ -209,3 +209,40 @@ def stage(where: Location) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+@contextmanager
+def working_copy(where: Location) -> Iterator[Path]:
+    """A local folder to read and write the folder at `where` through: the folder itself when it is local; for a
+    remote one, this node's copy of what is there now (empty when nothing is), uploaded back file by file when
+    the block ends without an error (files written in it replace theirs; nothing is deleted remotely). An error
+    leaves the remote folder as it was. For folders a job writes small files into (an evaluation's tables and
+    stored results), not for models, which are staged (`stage`) and uploaded whole (`upload_dir`)."""
+    local = local_path(where)
+    if local is not None:
+        local.mkdir(parents=True, exist_ok=True)
+        yield local
+        return
+    home = staging_root() / "work" / hashlib.sha256(os.fspath(where).encode()).hexdigest()[:16]
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        target = home / name(where)
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir()
+        fs, path = resolve(where)
+        if _listing(fs, path):
+            pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield target
+        upload_dir(target, where)
+
+
+def list_dirs(where: Location) -> list[Path] | list[str]:
+    """The folders directly in a folder (none when it does not exist), sorted by name; Paths for a local folder,
+    URIs for a remote one (on an object store, the prefixes with objects under them)."""
+    local = local_path(where)
+    if local is not None:
+        return sorted(p for p in local.glob("*") if p.is_dir()) if local.is_dir() else []
+    fs, path = resolve(where)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    return [join(where, n) for n in sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)]  # type: ignore[misc]

@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,19 +41,17 @@ def job_run(cfg: Config, job: str, identity: Mapping[str, str] | None = None) ->
     import mlflow
 
     configure(cfg)
-    marker = os.path.join(os.path.expanduser(cfg.paths.output_dir),
-                          f"mlflow_run_id.{job}.{config_key(cfg, identity)}")
+    from sad_ray import storage
+
+    marker = storage.join(storage.absolute(cfg.paths.output_dir), f"mlflow_run_id.{job}.{config_key(cfg, identity)}")
     run_id = None
-    if os.path.exists(marker):
-        with open(marker) as f:
-            run_id = f.read().strip() or None
+    if storage.is_file(marker):
+        run_id = storage.read_bytes(marker).decode().strip() or None
         if run_id is not None and mlflow.get_run(run_id).info.lifecycle_stage != "active":
             run_id = None
     with mlflow.start_run(run_id=run_id, run_name=cfg.tracking.run_name or job) as run:
         if run_id is None:
-            os.makedirs(os.path.dirname(marker), exist_ok=True)
-            with open(marker, "w") as f:
-                f.write(run.info.run_id)
+            storage.write_bytes(marker, run.info.run_id.encode())
             mlflow.log_params({k: _param(v) for k, v in to_flat_dict(cfg).items()})
         mlflow.set_tags({"sad_ray.job": job, **{f"sad_ray.{k}": v for k, v in (identity or {}).items()}})
         # The precision `auto` chose on the driver, and the CPU behind it, next to every timing this run logs

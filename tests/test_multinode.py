@@ -144,3 +144,40 @@ def test_rollout_actors_spread_over_nodes(cluster, s3_server, tmp_path, starter_
     assert all(p.startswith(f"{root}/records/part-") for p in report.shards)
     nodes = actor_nodes("MapWorker")
     assert sorted(nodes) == sorted([cluster["node_a"], cluster["node_b"]]), nodes
+
+
+def test_the_distill_job_keeps_its_whole_run_root_on_s3_and_a_rerun_reuses_it(
+        cluster, mlflow_server, s3_server, tmp_path, monkeypatch):
+    """`paths.output_dir` as a URI: the job's student-init, records, checkpoints, student, samples and run marker
+    are all written through it (nothing under the driver's working folder), the student is registered through the
+    MLflow server, and a rerun finds every finished stage there."""
+    import mlflow
+
+    from sad_ray import storage
+    from sad_ray.stages import run_distill
+    from tests.test_pipeline import small_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SAD_RAY_STAGING_DIR", str(tmp_path / "staged"))
+    root = f"{s3_server}/multinode-job"
+    cfg = small_config(tmp_path, f"paths.output_dir={root}", f"tracking.tracking_uri={mlflow_server}",
+                       "tracking.experiment=multinode-job", "train.steps=2", "train.checkpoint_every=2",
+                       "eval.enabled=false")
+    first = run_distill(cfg)
+    (teacher,) = storage.list_dirs(root)
+    assert isinstance(teacher, str) and storage.name(teacher).startswith("teacher-smollm2")
+    assert first["student"] == f"{teacher}/students/sad-seed0" and first["records"] == f"{teacher}/records"
+    assert {storage.name(p) for p in storage.list_dirs(teacher)} == {"records", "student-init", "students", "ray_train"}
+    assert {storage.name(p) for p in storage.list_files(teacher)} == {"teacher.json", "records_sample.jsonl"}
+    assert {storage.name(p) for p in storage.list_files(first["student"])} >= {
+        "model.safetensors", "sad_ray_train.json", "sad_ray_registered.json"}
+    assert storage.list_files(root, "mlflow_run_id.distill.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["staged"]  # the driver kept only its staged copies
+    client = mlflow.MlflowClient(mlflow_server)
+    (version,) = client.search_model_versions(f"name='{cfg.tracking.register_student_as}'")
+    assert first["train"]["registered"]["version"] == version.version
+
+    again = run_distill(cfg)
+    assert again["records_written_now"] == 0 and again["mlflow_run_id"] == first["mlflow_run_id"]
+    assert again["train"]["registered"] == first["train"]["registered"]  # not trained or registered again
+    assert len(client.search_model_versions(f"name='{cfg.tracking.register_student_as}'")) == 1

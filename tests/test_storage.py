@@ -101,3 +101,24 @@ def test_a_model_given_by_uri_resolves_to_this_nodes_copy(root, tmp_path, monkey
     assert path.name == "student-a" and (path / "config.json").is_file()
     with pytest.raises(FileNotFoundError, match="no files to stage"):
         resolve_model(f"{root}/students/nobody", tmp_path / "cache")
+
+
+def test_a_working_copy_of_a_remote_folder_is_uploaded_back_only_when_the_block_succeeds(root, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAD_RAY_STAGING_DIR", str(tmp_path / "staged"))
+    folder = f"{root}/eval"
+    with storage.working_copy(folder) as local:  # nothing there yet: an empty local folder
+        assert local.is_dir() and not any(local.iterdir())
+        (local / "agents" / "teacher").mkdir(parents=True)
+        (local / "agents" / "teacher" / "key").write_text("k1")
+        (local / "table.md").write_text("| a |")
+    assert storage.read_bytes(f"{folder}/agents/teacher/key") == b"k1"
+    assert [storage.name(p) for p in storage.list_dirs(folder)] == ["agents"]
+    with pytest.raises(RuntimeError, match="mid-evaluation"), storage.working_copy(folder) as local:
+        assert (local / "table.md").read_text() == "| a |"  # what is there is copied down first
+        (local / "table.md").write_text("| torn |")
+        raise RuntimeError("mid-evaluation")
+    assert storage.read_bytes(f"{folder}/table.md") == b"| a |"  # an error uploads nothing
+    assert storage.list_dirs(f"{root}/missing") == []
+    with storage.working_copy(tmp_path / "local-eval") as local:  # a local folder is worked on in place
+        assert local == tmp_path / "local-eval" and local.is_dir()
+    assert storage.list_dirs(tmp_path) == [tmp_path / "local-eval", tmp_path / "staged"]

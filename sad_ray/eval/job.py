@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sad_ray import tracking
+from sad_ray import storage, tracking
 from sad_ray.atomic import replacing_file
 from sad_ray.config import Config, resolve_auto
 from sad_ray.eval import report
@@ -48,7 +48,7 @@ ServeModels = Callable[[Mapping[str, str]], AbstractContextManager[Endpoint]]
 @dataclass(frozen=True)
 class Agent:
     name: str
-    source: str  # a model directory or an MLflow registry URI
+    source: str  # a model directory, a folder's URI (s3://..., staged where it is served) or an MLflow registry URI
 
 
 def agent_key(agent: Agent, cfg: Config, tasks: Sequence[str], reference_key: str | None) -> str | None:
@@ -60,7 +60,7 @@ def agent_key(agent: Agent, cfg: Config, tasks: Sequence[str], reference_key: st
             return None
         model = agent.source
     else:
-        model = model_fingerprint(agent.source)
+        model = model_fingerprint(storage.stage(agent.source) if storage.is_remote(agent.source) else agent.source)
     settings = {k: v for k, v in asdict(cfg.eval).items()
                 if k not in ("enabled", "students", "replicas", "num_cpus", "num_gpus", "resources", "confidence", "resamples")}
     key = {"model": model, "eval": settings, "tasks": list(tasks), "precision": cfg.precision,
@@ -81,10 +81,7 @@ class AgentStore:
         d = self._dir(name)
         if key is None or not (d / "key").is_file() or (d / "key").read_text().strip() != key:
             return None
-        meta = json.loads((d / "run.json").read_text())
-        episodes = [episode_of(json.loads(line)) for line in (d / "episodes.jsonl").read_text().splitlines()]
-        forced = [ForcedStep(**json.loads(line)) for line in (d / "forced.jsonl").read_text().splitlines()]
-        return AgentRun(name, meta["parameters"], episodes, forced, meta["seconds"])
+        return stored_run(d, name)
 
     def save(self, run: AgentRun, key: str | None) -> None:
         d = self._dir(run.name)
@@ -97,6 +94,16 @@ class AgentStore:
         if key is not None:
             with replacing_file(d / "key") as tmp:
                 tmp.write_text(key)
+
+
+def stored_run(d: Path, name: str) -> AgentRun:
+    """An agent's results as AgentStore saved them in `d` (run.json, episodes.jsonl, forced.jsonl)."""
+    if not (d / "run.json").is_file():
+        raise FileNotFoundError(f"{d}: no stored evaluation of {name} (run.json missing)")
+    meta = json.loads((d / "run.json").read_text())
+    episodes = [episode_of(json.loads(line)) for line in (d / "episodes.jsonl").read_text().splitlines()]
+    forced = [ForcedStep(**json.loads(line)) for line in (d / "forced.jsonl").read_text().splitlines()]
+    return AgentRun(name, meta["parameters"], episodes, forced, meta["seconds"])
 
 
 def _write_lines(path: Path, rows: Sequence[dict]) -> None:
@@ -115,10 +122,24 @@ def _parameters(endpoint: Endpoint, names: Sequence[str]) -> dict[str, int]:
     return {n: int(cards.get(n, {}).get("parameters", 0)) for n in names}
 
 
-def evaluate_agents(cfg: Config, agents: Sequence[Agent], out_dir: Path, serve_models: ServeModels,
+def evaluate_agents(cfg: Config, agents: Sequence[Agent], out_dir: Path | str, serve_models: ServeModels,
                     tokenizer_dir: Path) -> dict:
     """Every agent on the same held-out tasks through the endpoint (the first agent is the reference whose
-    episodes are teacher-forced), then the report under `out_dir` and in the active MLflow run."""
+    episodes are teacher-forced), then the report under `out_dir` and in the active MLflow run.
+
+    A URI `out_dir` is worked on through a local copy (storage.working_copy), uploaded after each agent's results
+    are stored and once more with the report, so a crash loses no more than with a local folder."""
+    with storage.working_copy(out_dir) as local:
+        def publish() -> None:
+            if storage.is_remote(out_dir):
+                storage.upload_dir(local, out_dir)
+
+        result = _evaluate_agents(cfg, agents, local, serve_models, tokenizer_dir, publish)
+    return {**result, "dir": str(out_dir)}
+
+
+def _evaluate_agents(cfg: Config, agents: Sequence[Agent], out_dir: Path, serve_models: ServeModels,
+                     tokenizer_dir: Path, publish: Callable[[], None]) -> dict:
     from sad_ray.rollout.http_engine import HTTPEngine
     from sad_ray.stages import env_kwargs
 
@@ -154,6 +175,7 @@ def evaluate_agents(cfg: Config, agents: Sequence[Agent], out_dir: Path, serve_m
                          agent.name, len(run.episodes), len(run.forced), run.seconds, engine.stats.requests,
                          engine.stats.retries)
                 store.save(run, keys[agent.name])
+                publish()
                 runs[agent.name] = run
     return write_report(cfg, [runs[a.name] for a in agents], out_dir, tokenizer_dir)
 
@@ -211,7 +233,7 @@ def _log_to_mlflow(table: Sequence[report.Row], files: Sequence[Path]) -> None:
     tracking.log_metrics(metrics)
 
 
-def student_agents(cfg: Config, students_root: Path) -> list[Agent]:
+def student_agents(cfg: Config, students_root: Path | str) -> list[Agent]:
     """`eval.students`, or every finished student under the teacher's `students/` folder. A student may be a model
     directory, an MLflow registry URI, or a Hugging Face Hub id (downloaded once into `<cache_dir>/hub`)."""
     from sad_ray.models.starter import is_hub_id, resolve_model
@@ -231,8 +253,8 @@ def student_agents(cfg: Config, students_root: Path) -> list[Agent]:
                                         "Hugging Face Hub id (<org>/<name>)")
             out.append(Agent(_agent_name(source), str(path)))
         return out
-    found = sorted(p for p in students_root.glob("*") if (p / "sad_ray_train.json").is_file())
-    return [Agent(f"student-{p.name}", str(p)) for p in found]
+    found = [p for p in storage.list_dirs(students_root) if storage.is_file(storage.join(p, "sad_ray_train.json"))]
+    return [Agent(f"student-{storage.name(p)}", str(p)) for p in found]
 
 
 def _agent_name(source: str) -> str:
@@ -241,7 +263,7 @@ def _agent_name(source: str) -> str:
     return Path(source.rstrip("/")).name
 
 
-def evaluation_stage(cfg: Config, teacher: Path, students: Sequence[Agent], out_dir: Path,
+def evaluation_stage(cfg: Config, teacher: Path, students: Sequence[Agent], out_dir: Path | str,
                      serve_models: ServeModels) -> dict:
     """An `evaluate` child run of the active job run: the teacher first (the reference), then the students."""
     agents = [Agent("teacher", str(teacher)), *students]
@@ -255,16 +277,14 @@ def evaluation_stage(cfg: Config, teacher: Path, students: Sequence[Agent], out_
 
 def run_evaluate_job(cfg: Config, serve_models: ServeModels) -> dict:
     """`jobs/evaluate.py`: the teacher and its students (`eval.students`, default every one trained from it)."""
-    from sad_ray.stages import teacher_folders
+    from sad_ray.stages import output_root, teacher_folders
 
     cfg = resolve_auto(cfg)
-    out = Path(cfg.paths.output_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    folders = teacher_folders(cfg, out)
-    students = student_agents(cfg, folders.root / "students")
+    folders = teacher_folders(cfg, output_root(cfg))
+    students = student_agents(cfg, folders.file("students"))
     if not students:
         log.warning("no trained student under %s and none in eval.students: evaluating the teacher alone",
-                    folders.root / "students")
+                    folders.file("students"))
     with tracking.job_run(cfg, "evaluate", {"teacher": folders.teacher_id}) as run:
-        result = evaluation_stage(cfg, folders.teacher, students, folders.root / "eval", serve_models)
+        result = evaluation_stage(cfg, folders.teacher, students, folders.file("eval"), serve_models)
         return {"mlflow_run_id": run.info.run_id, "teacher_id": folders.teacher_id, "eval": result}

@@ -1,0 +1,347 @@
+"""The experiment: does SAD beat token-level distillation? One resumable runner over a grid of arms.
+
+An experiment is a config with an `experiment` section (configs/experiment.yaml). Every arm shares the teacher,
+the records (made once, as the distill job makes them), the student-init and the held-out tasks; an arm changes
+the config by overrides (`loss.objective=token_kd`, `loss.lambda_reason=0.5`, `curriculum.reweight=false`) and
+runs once per seed. For each (arm, seed), in order:
+
+1. train the student (stage_train) into `<teacher folder>/students/<experiment>/<arm>-seed<seed>`;
+2. evaluate it through the Serve app beside the teacher, on the same tasks (the teacher is played once and
+   stored; each agent's results are stored with the key of what produced them);
+3. copy its stored results to `experiment.results_dir` (a folder kept in the repository) with the arm's
+   settings, compute time and MLflow run ids in `manifest.json`.
+
+A rerun skips every (arm, seed) already stored with the same key and goes on with the rest, so a grid runs in
+chunks (`--arms` picks some). The report (`experiment.report`, docs/RESULTS.md) is regenerated from
+`results_dir` alone (`render_results`): nothing in it is typed by hand.
+
+Intervals: success and CoT match / action agreement are Wilson intervals, other means bootstrap intervals, over
+the episodes of all seeds of an arm pooled (each seed's tasks are the same held-out tasks); the success of each
+seed is listed beside it, so the spread between seeds shows. Paired differences pair the same task of the same
+seed in two arms and bootstrap over those pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sad_ray import storage, tracking
+from sad_ray.config import ArmConfig, Config, ConfigError, apply_overrides, resolve_auto
+
+if TYPE_CHECKING:
+    from sad_ray.eval.evaluate import AgentRun
+    from sad_ray.eval.job import ServeModels
+
+log = logging.getLogger(__name__)
+
+TEACHER = "teacher"
+MANIFEST = "manifest.json"
+
+
+def agent_name(arm: ArmConfig, seed: int) -> str:
+    return f"{arm.name}-seed{seed}"
+
+
+def arm_config(cfg: Config, arm: ArmConfig, seed: int) -> Config:
+    """The experiment's config with the arm's overrides and the seed (the torch seed and the curriculum's, which
+    orders the data: every arm of one seed sees the same order unless it changes the curriculum); an override
+    that does not fit names the arm."""
+    try:
+        return apply_overrides(cfg, [*arm.set, f"train.seed={seed}", f"curriculum.seed={seed}"])
+    except ConfigError as exc:
+        raise ConfigError(f"experiment.arms[{arm.name}].set: {exc}") from None
+
+
+def run_experiment(cfg: Config, serve_models: ServeModels, only: Sequence[str] = ()) -> dict:
+    """Every (arm, seed) not yet stored, then the report. `only`: the names of the arms to run this time."""
+    from sad_ray.eval.job import Agent, evaluation_stage
+    from sad_ray.precision import host_summary
+    from sad_ray.stages import (
+        output_root,
+        stage_models,
+        stage_records,
+        stage_train,
+        teacher_folders,
+    )
+
+    exp = cfg.experiment
+    if not exp.arms:
+        raise ConfigError("experiment.arms is empty: an experiment needs at least one arm (configs/experiment.yaml)")
+    unknown = [a for a in only if a not in {arm.name for arm in exp.arms}]
+    if unknown:
+        raise ConfigError(f"--arms: no arm {unknown[0]!r} in experiment.arms ({', '.join(a.name for a in exp.arms)})")
+    for arm in exp.arms:  # every arm's overrides checked before hours of work
+        for seed in arm.seeds:
+            arm_config(cfg, arm, seed)
+    if cfg.models.teacher == "auto" and cfg.bootstrap.auto:
+        from sad_ray.bootstrap import run_bootstrap
+
+        run_bootstrap(cfg)
+    cfg = resolve_auto(cfg)
+    folders = teacher_folders(cfg, output_root(cfg))
+    eval_dir = folders.file(f"experiments/{exp.name}/eval")
+    results = Path(exp.results_dir).expanduser() if exp.results_dir else None
+    todo = [(arm, seed) for arm in exp.arms if not only or arm.name in only for seed in arm.seeds]
+    done: list[str] = []
+    with tracking.job_run(cfg, "experiment", {"teacher": folders.teacher_id, "experiment": exp.name}) as run:
+        student_init, _ = stage_models(cfg, folders)
+        stage_records(cfg, folders)
+        for i, (arm, seed) in enumerate(todo, 1):
+            name = agent_name(arm, seed)
+            acfg = arm_config(cfg, arm, seed)
+            log.info("experiment %s: %s (%d/%d)", exp.name, name, i, len(todo))
+            if arm.train:
+                summary = stage_train(acfg, folders, student_init, name=f"{exp.name}/{name}")
+                source = summary["student_dir"]
+                train = {**{k: summary.get(k) for k in ("steps", "seconds", "loss", "tokens_per_second",
+                                                         "run_identity")},
+                         "mlflow_run_id": summary["registered"].get("mlflow_run_id")}
+            else:
+                source, train = str(student_init), {}
+            evaluation = evaluation_stage(acfg, folders.teacher, [Agent(name, source)], eval_dir, serve_models)
+            log.info("experiment %s: %s evaluated, success %s", exp.name, name,
+                     {k: round(v.get("success", 0.0), 3) for k, v in evaluation["agents"].items()})
+            if results is not None:
+                publish(results, eval_dir, cfg, acfg, arm, seed, train, run.info.run_id, folders.teacher_id,
+                        folders.teacher, host_summary(cfg.precision))
+            done.append(name)
+        report = None
+        if results is not None and exp.report:
+            report = write_results(results, Path(exp.report).expanduser())
+    return {"mlflow_run_id": run.info.run_id, "teacher_id": folders.teacher_id, "ran": done,
+            "results_dir": str(results) if results else None, "report": str(report) if report else None}
+
+
+def publish(results: Path, eval_dir, cfg: Config, acfg: Config, arm: ArmConfig, seed: int, train: dict,
+            job_run_id: str, teacher_id: str, teacher_dir: Path, host: dict) -> None:
+    """Copy the teacher's and this (arm, seed)'s stored results into `results` and record them in its manifest
+    (settings, compute, run ids), replacing any earlier entry of the same (arm, seed). Results made against
+    another teacher evaluation (other tasks, settings or teacher) no longer pair with it: they are dropped, with
+    a warning naming them. A rerun that reused a stored run keeps the host it was measured on."""
+    from sad_ray.config import to_dict
+
+    results.mkdir(parents=True, exist_ok=True)
+    name = agent_name(arm, seed)
+    with storage.working_copy(eval_dir) as local:
+        keys = {n: (local / "agents" / n / "key").read_text().strip() for n in (TEACHER, name)}
+        manifest = _read_manifest(results)
+        if manifest.get("teacher_key") not in (None, keys[TEACHER]):
+            log.warning("experiment: the teacher's evaluation changed (key %s, was %s): the stored runs %s were "
+                        "made against the old one and are dropped from %s", keys[TEACHER],
+                        manifest["teacher_key"], sorted(manifest.get("runs", {})), results)
+            for old in manifest.get("runs", {}):
+                shutil.rmtree(results / "agents" / old, ignore_errors=True)
+            manifest = {}
+        for agent in (TEACHER, name):
+            src = local / "agents" / agent
+            dst = results / "agents" / agent
+            tmp = dst.with_name(f".{agent}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            shutil.rmtree(dst, ignore_errors=True)
+            tmp.rename(dst)
+    tokenizer = results / "tokenizer"
+    if not tokenizer.is_dir():  # the report counts reasoning tokens with the teacher's tokenizer
+        from sad_ray.models.identity import TOKENIZER_FILES
+
+        tmp = results / ".tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for f in TOKENIZER_FILES:
+            if (Path(teacher_dir) / f).is_file():
+                shutil.copy2(Path(teacher_dir) / f, tmp / f)
+        tmp.rename(tokenizer)
+    manifest.update({
+        "experiment": cfg.experiment.name, "title": cfg.experiment.title, "teacher_id": teacher_id,
+        "teacher_key": keys[TEACHER],
+        "baseline": cfg.experiment.baseline, "job_mlflow_run_id": job_run_id,
+        "eval": to_dict(cfg)["eval"], "segment": to_dict(cfg)["segment"],
+    })
+    manifest.setdefault("arms", {})[arm.name] = {"set": list(arm.set), "train": arm.train, "note": arm.note,
+                                                "order": [a.name for a in cfg.experiment.arms].index(arm.name)}
+    before = manifest.setdefault("runs", {}).get(name, {})
+    manifest["runs"][name] = {
+        "arm": arm.name, "seed": seed, "train": train, "key": keys[name],
+        "host": before["host"] if before.get("key") == keys[name] and "host" in before else host,
+        # the agent's own evaluation time as stored (a rerun that reuses it keeps the time it took)
+        "eval_seconds": json.loads((results / "agents" / name / "run.json").read_text())["seconds"],
+        "config": {k: v for k, v in to_dict(acfg).items() if k in ("loss", "curriculum", "train", "models")},
+    }
+    tmp = results / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(results / MANIFEST)
+
+
+def _read_manifest(results: Path) -> dict:
+    path = results / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); restore it from git or delete it to start over") from None
+
+
+# ------------------------------------------------------------------------------------------------- the report
+
+
+@dataclass
+class ArmRuns:
+    name: str
+    seeds: dict[int, AgentRun] = field(default_factory=dict)
+
+
+def load_results(results: Path) -> tuple[dict, AgentRun, list[ArmRuns]]:
+    """The manifest, the teacher's run and each arm's runs by seed, in the grid's order, from `results` alone."""
+    from sad_ray.eval.job import stored_run
+
+    manifest = _read_manifest(results)
+    if not manifest.get("runs"):
+        raise FileNotFoundError(f"{results}: no finished runs ({MANIFEST} lists none); run jobs/experiment.py first")
+    teacher = stored_run(results / "agents" / TEACHER, TEACHER)
+    arms: dict[str, ArmRuns] = {}
+    for name, entry in manifest["runs"].items():
+        arm = arms.setdefault(entry["arm"], ArmRuns(entry["arm"]))
+        arm.seeds[int(entry["seed"])] = stored_run(results / "agents" / name, name)
+    order = {name: a.get("order", 0) for name, a in manifest.get("arms", {}).items()}
+    return manifest, teacher, sorted(arms.values(), key=lambda a: (order.get(a.name, 0), a.name))
+
+
+def pooled(arm: ArmRuns) -> AgentRun:
+    """One run of an arm over all its seeds: episode and forced-step ids prefixed by the seed, so that two arms
+    pair on (seed, task)."""
+    from sad_ray.eval.evaluate import AgentRun
+
+    episodes, forced, seconds, params = [], [], 0.0, 0
+    for seed, run in sorted(arm.seeds.items()):
+        episodes += [dataclasses.replace(e, id=f"s{seed}/{e.id}") for e in run.episodes]
+        forced += [dataclasses.replace(f, episode=f"s{seed}/{f.episode}") for f in run.forced]
+        seconds += run.seconds
+        params = run.parameters
+    return AgentRun(arm.name, params, episodes, forced, seconds)
+
+
+def render_results(results: Path, plots_dir: Path | None = None, report_dir: Path | None = None) -> str:
+    """The report's Markdown from the stored results (and its plots into `plots_dir`, linked relative to
+    `report_dir`, where the report goes)."""
+    from transformers import AutoTokenizer
+
+    from sad_ray.config import section_from_dict
+    from sad_ray.eval import report
+    from sad_ray.eval.evaluate import EvalConfig
+
+    manifest, teacher, arms = load_results(results)
+    eval_cfg = section_from_dict(EvalConfig, manifest["eval"], "eval")
+    segment = manifest["segment"]
+    tokenizer_dir = results / "tokenizer"
+    if not (tokenizer_dir / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"{tokenizer_dir}: the teacher's tokenizer files are missing (the report counts "
+                                "reasoning tokens with it); rerun one arm of jobs/experiment.py to restore them")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    counter = report.ReasonTokens(lambda text: len(tok(text, add_special_tokens=False)["input_ids"]),
+                                  segment["format"], segment["on_unparsed"])
+    runs = [teacher, *(pooled(a) for a in arms)]
+    table = report.rows(runs, eval_cfg, counter)
+    by_name = {a.name: a for a in arms}
+    baseline = manifest.get("baseline") or ""
+    differences = []
+    if baseline in by_name:
+        base = pooled(by_name[baseline])
+        differences = report.diffs([base, *(pooled(a) for a in arms if a.name != baseline)], eval_cfg, counter)
+    lines = [f"# {manifest.get('title', 'Results')}", "",
+             f"Regenerated from `{_shown(results)}` by `python jobs/experiment.py --report-only --config "
+             f"<the experiment's config>`; do not edit by hand.", ""]
+    lines += _headline(differences, baseline)
+    lines += ["## Arms", "", "| arm | seeds | what it changes | training per seed | evaluation per seed |",
+              "|---|---|---|---|---|"]
+    for arm in arms:
+        entries = [manifest["runs"][f"{arm.name}-seed{s}"] for s in sorted(arm.seeds)]
+        train_s = [e["train"].get("seconds") or 0.0 for e in entries]
+        eval_s = [e["eval_seconds"] for e in entries]
+        info = manifest["arms"].get(arm.name, {})
+        what = ", ".join(f"`{s}`" for s in info.get("set", [])) or "the experiment's config"
+        if not info.get("train", True):
+            what = "untrained (the student-init)"
+        lines.append(f"| {arm.name} | {', '.join(map(str, sorted(arm.seeds)))} | {what}"
+                     f"{' (' + info['note'] + ')' if info.get('note') else ''} | "
+                     f"{_minutes(sum(train_s) / len(train_s))} | {_minutes(sum(eval_s) / len(eval_s))} |")
+    lines += ["", "## Per arm, every environment", "",
+              "Per-seed success (over all held-out tasks): " + "; ".join(
+                  f"{a.name} " + ", ".join(f"s{s} {_rate(r)}" for s, r in sorted(a.seeds.items())) for a in arms),
+              "", report.markdown(table, differences, eval_cfg)]
+    hosts = {json.dumps(e["host"], sort_keys=True) for e in manifest["runs"].values()}
+    lines += ["## Compute", ""]
+    for h in sorted(hosts):
+        host = json.loads(h)
+        lines.append(f"- {host.get('cpu_model', '?')}, precision {host.get('precision_resolved', '?')}, "
+                     f"{host.get('cpus', '?')} CPUs")
+    total = sum((e["train"].get("seconds") or 0.0) + e["eval_seconds"] for e in manifest["runs"].values())
+    lines += [f"- {total / 3600:.2f} h of training and evaluation in all "
+              f"({len(manifest['runs'])} runs), records and teacher not counted", "",
+              "## MLflow", "", f"- the experiment's job run: `{manifest.get('job_mlflow_run_id')}`"]
+    lines += [f"- {name}: training run `{e['train'].get('mlflow_run_id')}`" for name, e in sorted(manifest["runs"].items())
+              if e["train"].get("mlflow_run_id")]
+    if plots_dir is not None:
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        written = report.plots(table, plots_dir)
+        base = report_dir if report_dir is not None else Path.cwd()
+        lines += ["", "## Plots", ""] + [f"![{p.stem}]({os.path.relpath(p, base)})" for p in written]
+    return "\n".join(lines) + "\n"
+
+
+def _headline(differences, baseline: str) -> list[str]:
+    if not differences:
+        return []
+    lines = [f"## Headline: each arm minus {baseline}, task by task", "",
+             "| arm | env | paired tasks | success difference (points) | verdict |", "|---|---|---|---|---|"]
+    for d in differences:
+        s = d.success
+        verdict = ("better" if s.low > 0 else "worse" if s.high < 0 else "no difference shown") \
+            if d.tasks else "no paired tasks"
+        lines.append(f"| {d.agent} | {d.env} | {d.tasks} | {100 * s.value:+.1f} [{100 * s.low:+.1f}, "
+                     f"{100 * s.high:+.1f}] | {verdict} |")
+    return [*lines, ""]
+
+
+def _rate(run: AgentRun) -> str:
+    n = len(run.episodes)
+    return f"{sum(e.success for e in run.episodes)}/{n}" if n else "n/a"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def write_results(results: Path, report_path: Path) -> Path:
+    """Regenerate `report_path` (and its plots beside it, in `<stem>-plots/`) from `results`."""
+    plots = report_path.parent / f"{report_path.stem}-plots"
+    text = render_results(results, plots, report_path.parent)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = report_path.with_name(f".{report_path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(report_path)
+    return report_path
+
+
+def report_only(cfg: Config) -> dict:
+    """`jobs/experiment.py --report-only`: the report regenerated from `experiment.results_dir`, nothing run."""
+    exp = cfg.experiment
+    if not exp.results_dir or not exp.report:
+        raise ConfigError("--report-only needs experiment.results_dir and experiment.report")
+    path = write_results(Path(exp.results_dir).expanduser(), Path(exp.report).expanduser())
+    return {"report": str(path)}
