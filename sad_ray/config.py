@@ -296,11 +296,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top, not {type(loaded).__name__}")
         raw = loaded or {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
-        _set_path(raw, key.strip().split("."), yaml.safe_load(value) if value.strip() else "")
+    _apply(raw, overrides)
     try:
         return _build(Config, raw, "")
     except ConfigError as exc:
@@ -312,12 +308,16 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
     """`cfg` with `key.sub=value` overrides applied in order, as on the command line."""
     raw = to_dict(cfg)
+    _apply(raw, overrides)
+    return _build(Config, raw, "")
+
+
+def _apply(raw: dict[str, Any], overrides: typing.Sequence[str]) -> None:
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         _set_path(raw, key.strip().split("."), yaml.safe_load(value) if value.strip() else "")
-    return _build(Config, raw, "")
 
 
 def section_from_dict(cls: type, raw: dict[str, Any], prefix: str) -> Any:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sad_ray import storage, tracking
+from sad_ray.atomic import replace_dir, replacing_file
 from sad_ray.config import ArmConfig, Config, ConfigError, apply_overrides, resolve_auto
 
 if TYPE_CHECKING:
@@ -141,13 +142,11 @@ def publish(results: Path, eval_dir, cfg: Config, acfg: Config, arm: ArmConfig, 
                 shutil.rmtree(results / "agents" / old, ignore_errors=True)
             manifest = {}
         for agent in (TEACHER, name):
-            src = local / "agents" / agent
             dst = results / "agents" / agent
             tmp = dst.with_name(f".{agent}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(src, tmp)
-            shutil.rmtree(dst, ignore_errors=True)
-            tmp.rename(dst)
+            shutil.copytree(local / "agents" / agent, tmp)
+            replace_dir(tmp, dst)
     tokenizer = results / "tokenizer"
     if not tokenizer.is_dir():  # the report counts reasoning tokens with the teacher's tokenizer
         from sad_ray.models.identity import TOKENIZER_FILES
@@ -158,7 +157,7 @@ def publish(results: Path, eval_dir, cfg: Config, acfg: Config, arm: ArmConfig, 
         for f in TOKENIZER_FILES:
             if (Path(teacher_dir) / f).is_file():
                 shutil.copy2(Path(teacher_dir) / f, tmp / f)
-        tmp.rename(tokenizer)
+        replace_dir(tmp, tokenizer)
     manifest.update({
         "experiment": cfg.experiment.name, "title": cfg.experiment.title, "teacher_id": teacher_id,
         "teacher_key": keys[TEACHER],
@@ -175,9 +174,8 @@ def publish(results: Path, eval_dir, cfg: Config, acfg: Config, arm: ArmConfig, 
         "eval_seconds": json.loads((results / "agents" / name / "run.json").read_text())["seconds"],
         "config": {k: v for k, v in to_dict(acfg).items() if k in ("loss", "curriculum", "train", "models")},
     }
-    tmp = results / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(results / MANIFEST)
+    with replacing_file(results / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _read_manifest(results: Path) -> dict:
@@ -331,10 +329,8 @@ def write_results(results: Path, report_path: Path) -> Path:
     """Regenerate `report_path` (and its plots beside it, in `<stem>-plots/`) from `results`."""
     plots = report_path.parent / f"{report_path.stem}-plots"
     text = render_results(results, plots, report_path.parent)
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = report_path.with_name(f".{report_path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(report_path)
+    with replacing_file(report_path) as tmp:
+        tmp.write_text(text)
     return report_path
 
 

@@ -230,8 +230,7 @@ def stage_models(cfg: Config, folders: TeacherFolders) -> tuple[Path | str, int]
                     built = build_student(folders.teacher, student, cfg.models.student_layers,
                                           cfg.models.trust_remote_code)
                 tracking.log_metrics({"teacher_params": built.teacher_params, "student_params": built.student_params})
-        vocab = check_compatible(folders.teacher, storage.stage(student) if storage.is_remote(student) else student,
-                                 cfg.models.trust_remote_code)
+        vocab = check_compatible(folders.teacher, storage.stage(student), cfg.models.trust_remote_code)
         tracking.log_metrics({"shared_vocab": vocab})
     return student, vocab
 

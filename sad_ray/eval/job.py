@@ -60,7 +60,7 @@ def agent_key(agent: Agent, cfg: Config, tasks: Sequence[str], reference_key: st
             return None
         model = agent.source
     else:
-        model = model_fingerprint(storage.stage(agent.source) if storage.is_remote(agent.source) else agent.source)
+        model = model_fingerprint(storage.stage(agent.source))
     settings = {k: v for k, v in asdict(cfg.eval).items()
                 if k not in ("enabled", "students", "replicas", "num_cpus", "num_gpus", "resources", "confidence", "resamples")}
     key = {"model": model, "eval": settings, "tasks": list(tasks), "precision": cfg.precision,
