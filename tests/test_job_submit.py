@@ -50,7 +50,7 @@ def test_distill_runs_under_ray_job_submit(cluster, tmp_path, starter_dir):
                  "data.episodes_per_env=1",
                  "data.envs=[alfworld]", "train.steps=2", "train.batch_size=1", "train.grad_accum=1", "train.checkpoint_every=2",
                  "eval.tasks=[1,0,0]", "eval.max_steps=2", "eval.forced_steps_per_episode=1",
-                 "eval.max_new_tokens=24", "eval.max_model_len=2048", "eval.kv_cache_gib=1"]
+                 "eval.max_new_tokens=24", "eval.engine=hf"]  # vLLM behind Serve: test_serve.py's app
     submit = subprocess.run(
         [BIN / "ray", "job", "submit", "--working-dir", str(REPO), "--", "python", "jobs/distill.py",
          "--config", "configs/default.yaml", *overrides],
