@@ -6,7 +6,10 @@ holding its whole shard (`train.buffer_records 0`) and once streaming it through
 (`train.buffer_records N`). The worker's peak resident memory (`peak_memory_gb`, ru_maxrss of the worker) is
 read from each run's result. Goal: the buffered runs stay within 10% of each other from 1x to 16x.
 
-    python bench/train_memory.py [--episodes 4 --scales 1,4,16 --buffer 64 --steps 4]
+    python bench/train_memory.py [--episodes 4 --unit 32 --scales 1,4,16 --buffer 64 --steps 4]
+
+`--unit` copies of the scored demonstrations make 1x, so that at 16x the records, not the model, dominate a
+worker's memory (at 32 records the whole shard is a few percent of it).
 
 Results go to bench/results/train_memory.json (with the CPU model and precision) and train_memory.md, which
 `--table` regenerates from the JSON.
@@ -73,6 +76,7 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--episodes", type=int, default=4, help="demonstrations per environment at 1x")
+    parser.add_argument("--unit", type=int, default=32, help="copies of the demonstrations' records at 1x")
     parser.add_argument("--scales", default="1,4,16")
     parser.add_argument("--buffer", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4)
@@ -93,7 +97,7 @@ def main() -> None:
         rows = []
         for scale in (int(s) for s in args.scales.split(",")):
             records = root / f"x{scale}"
-            n = replicate(root / "base" / "records", records, scale)
+            n = replicate(root / "base" / "records", records, scale * args.unit)
             rows.append({"scale": scale, "records": n,
                          "full": run(records, student, root / f"out-full-{scale}", args.steps, 0),
                          "buffered": run(records, student, root / f"out-buf-{scale}", args.steps, args.buffer)})
