@@ -157,6 +157,17 @@ def make_dirs(where: Location) -> None:
         fs.create_dir(path, recursive=True)
 
 
+def remove_dir(where: Location) -> None:
+    """A folder and everything in it (on an object store, every object under the prefix); nothing if absent."""
+    local = local_path(where)
+    if local is not None:
+        shutil.rmtree(local, ignore_errors=True)
+        return
+    fs, path = resolve(where)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound or is_dir(where):
+        fs.delete_dir(path)
+
+
 def upload_dir(local: Path, where: Location) -> None:
     """Copy a local folder's files to `where` (a folder; a local one is replaced whole in one rename)."""
     dest = local_path(where)

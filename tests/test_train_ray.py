@@ -163,21 +163,36 @@ print("RESULT", json.dumps({"pids": pids, "killed_at": killed_at, "errors": erro
 """
 
 
-def test_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path, data, reference):
-    """A training worker is SIGKILLed mid-run; Ray Train restarts it from the last checkpoint and the run ends
-    with every step done, as the uninterrupted run did. (Run in its own process, so the killed worker's cluster
-    cannot disturb the suite.)"""
+def test_a_killed_worker_streaming_through_its_buffer_resumes_exactly(tmp_path, data):
+    """train.buffer_records: the worker streams its 16 records through a 6-record buffer (the curriculum picks what
+    leaves). The worker is SIGKILLed mid-run; Ray Train restarts it from the last checkpoint, with the checkpointed
+    buffer read back from its shard, and every step's loss, gradient norm and the final weights match an
+    uninterrupted buffered run. (The whole-shard curriculum's restore is shown by the crashed-job and node-loss
+    tests. The kill runs in its own process, so the killed worker's cluster cannot disturb the suite.)"""
     import subprocess
     import sys
 
+    buffered = {**SAME_RUN, "buffer_records": 6}
+    steps = buffered["steps"]
+    ref_uri, ref_run = mlflow_run(tmp_path / "ref")
+    ref = train_on_records(data / "records", data / "student-init", tmp_path / "ref" / "out",
+                           TrainConfig(**buffered), LossConfig(), CurriculumConfig(ramp=0.5), run_name="buffered",
+                           tracking_uri=ref_uri, mlflow_run_id=ref_run)
+    reference = {"loss": dict(loss_history(ref_uri, ref_run)), "grad_norm": dict(loss_history(ref_uri, ref_run,
+                                                                                              "grad_norm")),
+                 "student": Path(ref.student_dir)}
+    assert sorted(reference["loss"]) == list(range(1, steps + 1))
+    # The buffer moved through the whole shard (16 records), six at a time.
+    position = loss_history(ref_uri, ref_run, "train/stream_position")
+    assert position[0][1] > 6 and position[-1][1] == 16, position
+    assert all(0 < v <= 1 for _, v in loss_history(ref_uri, ref_run, "curriculum/buffer_fill"))
+
     uri, run_id = mlflow_run(tmp_path)
-    steps = SAME_RUN["steps"]
     script = tmp_path / "kill.py"
     script.write_text(KILL_A_WORKER)
-    root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, str(script), str(data / "records"), str(data / "student-init"),
-                           str(tmp_path / "out"), uri, run_id, json.dumps(SAME_RUN)],
-                          env={**os.environ, "PYTHONPATH": str(root)},
+                           str(tmp_path / "out"), uri, run_id, json.dumps(buffered)],
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
                           capture_output=True, text=True, timeout=900)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-3000:]
@@ -198,43 +213,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(tmp_path, data, refere
     repeated = sorted({s for s in logged if logged.count(s) > 1})
     assert all(resumed_from < s <= killed_at + 1 for s in repeated), (repeated, resumed_from, killed_at)
     assert json.loads((Path(out["student"]) / "sad_ray_train.json").read_text())["result"]["steps"] == steps
-    # Resumed exactly: model, optimizer, schedule, curriculum and RNG all came back from the checkpoint.
-    assert_same_as_reference(reference, uri, run_id, Path(out["student"]), rtol=1e-4, grad_rtol=1e-4, atol=1e-5)
-
-
-def test_a_buffered_worker_streams_its_shard_and_resumes_exactly(tmp_path, data):
-    """train.buffer_records: the worker streams its 16 records through a 6-record buffer (the curriculum picks
-    what leaves); a worker killed mid-run resumes with the checkpointed buffer read back from its shard, and
-    every step's loss, gradient norm and the final weights match an uninterrupted buffered run."""
-    import subprocess
-    import sys
-
-    buffered = {**SAME_RUN, "buffer_records": 6}
-    ref_uri, ref_run = mlflow_run(tmp_path / "ref")
-    ref = train_on_records(data / "records", data / "student-init", tmp_path / "ref" / "out",
-                           TrainConfig(**buffered), LossConfig(), CurriculumConfig(ramp=0.5), run_name="buffered",
-                           tracking_uri=ref_uri, mlflow_run_id=ref_run)
-    reference = {"loss": dict(loss_history(ref_uri, ref_run)), "grad_norm": dict(loss_history(ref_uri, ref_run,
-                                                                                              "grad_norm")),
-                 "student": Path(ref.student_dir)}
-    assert sorted(reference["loss"]) == list(range(1, 13))
-    # The buffer moved through the whole shard (16 records), six at a time.
-    position = loss_history(ref_uri, ref_run, "train/stream_position")
-    assert position[0][1] > 6 and position[-1][1] == 16, position
-    assert all(0 < v <= 1 for _, v in loss_history(ref_uri, ref_run, "curriculum/buffer_fill"))
-
-    uri, run_id = mlflow_run(tmp_path)
-    script = tmp_path / "kill.py"
-    script.write_text(KILL_A_WORKER)
-    done = subprocess.run([sys.executable, str(script), str(data / "records"), str(data / "student-init"),
-                           str(tmp_path / "out"), uri, run_id, json.dumps(buffered)],
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-                          capture_output=True, text=True, timeout=900)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULT "):])
-    assert out["steps"] == 12 and 5 <= out["killed_at"] < 12
-    assert loss_history(uri, run_id, "train/resumed_from_step"), "the run never resumed from a checkpoint"
+    # Resumed exactly: model, optimizer, schedule, buffer, stream position and RNG all came back from the checkpoint.
     assert_same_as_reference(reference, uri, run_id, Path(out["student"]), rtol=1e-4, grad_rtol=1e-4, atol=1e-5)
 
 
@@ -411,7 +390,7 @@ print("STUDENT", r.student_dir)
 """
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+@pytest.mark.parametrize("strategy", ["deepspeed"])  # DDP's resume is shown by the killed-worker and node-loss tests
 def test_a_crashed_job_resumes_when_rerun(tmp_path, data, strategy, reference):
     """The whole driver is killed (SIGKILL) mid-run; running the same command again continues from the last
     checkpoint instead of starting over (DeepSpeed restores through its own `load_checkpoint`), and ends where the
@@ -455,6 +434,83 @@ def test_a_crashed_job_resumes_when_rerun(tmp_path, data, strategy, reference):
     assert_same_as_reference(reference, uri, run_id, student, *tol)
     # If the kill caught a rank staging a checkpoint, the resumed run reused and removed that folder: no new one.
     assert set(Path(tempfile.gettempdir()).glob("sad-ray-ckpt-*")) <= staged_before
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(tmp_path, data, reference):
+    """The run's storage is a small filesystem (a tmpfs with room for one and a half checkpoints): the second
+    checkpoint's copy fails with ENOSPC and the run stops with the OS error. The first checkpoint is intact and is
+    the only one Ray Train registered; once there is room, the same run removes the half-written folder, resumes
+    from the first checkpoint and ends as the uninterrupted run did."""
+    import subprocess
+
+    import torch
+
+    from sad_ray.train.ray_train import CHECKPOINT_SNAPSHOT
+
+    # (checkpoint_* matches Ray Train's checkpoint_manager_snapshot.json too: a size of 0 would make tmpfs unbounded)
+    kept = [d for d in (reference["student"].parent / "ray_train").glob("reference-*/checkpoint_*") if d.is_dir()]
+    size = min(sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in kept)  # a step's, not the last
+    assert size > 0, kept
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5)}", "tmpfs", str(mnt)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"a small filesystem could not be mounted here (needs root): {mount.stderr.strip()}")
+    try:
+        uri, run_id = mlflow_run(tmp_path)
+
+        def train():
+            return train_on_records(data / "records", data / "student-init", mnt / "out",
+                                    TrainConfig(**SAME_RUN, max_failures=0), LossConfig(), CurriculumConfig(ramp=0.5),
+                                    run_name="full", tracking_uri=uri, mlflow_run_id=run_id)
+
+        with pytest.raises(Exception) as failed:  # noqa: PT011 - Ray wraps the worker's OSError
+            train()
+        assert "No space left on device" in str(failed.value), str(failed.value)[-2000:]
+        (run_dir,) = mnt.glob("out/ray_train/full-*")
+        snapshot = json.loads((run_dir / CHECKPOINT_SNAPSHOT).read_text())
+        (good,) = [run_dir / r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
+        assert json.loads((good / "progress.json").read_text())["step"] == 3
+        torch.load(good / "state.pt", weights_only=False, map_location="cpu")  # reads back whole
+        def folders() -> set[Path]:
+            return {d for d in run_dir.glob("checkpoint_*") if d.is_dir()}
+
+        partial = folders() - {good}
+        assert partial, "the second checkpoint left nothing behind: was the disk full?"
+
+        resize = subprocess.run(["mount", "-o", f"remount,size={size * 4}", str(mnt)], capture_output=True, text=True)
+        assert resize.returncode == 0, resize.stderr
+        result = train()
+        assert result.steps == 12
+        assert not partial & folders(), "the half-written checkpoint was left behind"
+        assert [int(v) for _, v in loss_history(uri, run_id, "train/resumed_from_step")] == [3]
+        assert_same_as_reference(reference, uri, run_id, Path(result.student_dir), rtol=1e-4, grad_rtol=1e-4,
+                                 atol=1e-5)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_only_checkpoints_ray_train_registered_survive_a_rerun(tmp_path, caplog):
+    """The clean-up a rerun does before Ray Train starts: folders its snapshot does not name go, named ones stay;
+    a snapshot it cannot read (another Ray's format) or none at all removes nothing."""
+    import logging
+
+    from sad_ray.train.ray_train import CHECKPOINT_SNAPSHOT, drop_unregistered_checkpoints
+
+    run = tmp_path / "run-abc"
+    for name in ("checkpoint_1", "checkpoint_2", "checkpoint_3"):
+        (run / name).mkdir(parents=True)
+        (run / name / "state.pt").write_bytes(b"x")
+    assert drop_unregistered_checkpoints(run) == []  # no snapshot: nothing is known, nothing removed
+    (run / CHECKPOINT_SNAPSHOT).write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="sad_ray"):
+        assert drop_unregistered_checkpoints(run) == []
+    assert "no checkpoint folder removed" in caplog.text
+    (run / CHECKPOINT_SNAPSHOT).write_text(json.dumps({"checkpoint_results": [
+        {"checkpoint_dir_name": "checkpoint_1"}, {"checkpoint_dir_name": "checkpoint_2"}]}))
+    assert drop_unregistered_checkpoints(run) == [str(run / "checkpoint_3")]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_1", "checkpoint_2", CHECKPOINT_SNAPSHOT]
 
 
 def test_a_checkpoint_is_restored_only_onto_the_records_its_curriculum_was_built_on(tmp_path):

@@ -37,6 +37,7 @@ from sad_ray.resources import check_resources
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
 HF_SUBDIR = "hf"
 
 
@@ -687,6 +688,29 @@ def run_identity(summary: DataSummary, student_dir, settings: TrainConfig, loss_
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def drop_unregistered_checkpoints(run_dir: Path | str) -> list[str]:
+    """Checkpoint folders of a run that Ray Train never registered: a copy cut short (the disk filled, the driver or
+    its node died mid-upload). Ray Train restores only the checkpoints its snapshot names, so these are never read,
+    but they hold the space the next checkpoint needs; a rerun removes them before it starts and names each.
+    Registered checkpoints are left as they are. Without a snapshot that reads as expected nothing is removed."""
+    folders = [d for d in storage.list_dirs(run_dir) if storage.name(d).startswith("checkpoint_")]
+    snapshot = storage.join(run_dir, CHECKPOINT_SNAPSHOT)
+    if not folders or not storage.is_file(snapshot):
+        return []
+    try:
+        state = json.loads(storage.read_bytes(snapshot))
+        registered = {r["checkpoint_dir_name"] for r in state["checkpoint_results"]}
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("train: %s is not the checkpoint snapshot this Ray writes (%r); no checkpoint folder removed",
+                    snapshot, exc)
+        return []
+    dropped = [str(d) for d in folders if storage.name(d) not in registered]
+    for d in dropped:
+        log.warning("train: removing %s, a checkpoint Ray Train never registered (its write was cut short)", d)
+        storage.remove_dir(d)
+    return dropped
+
+
 def _deterministic_shards():
     """Ray Data's split with blocks in file order and no node locality, so a worker gets the same records on every
     (re)start: its checkpointed curriculum is restored onto the same shard, which `_restore` checks by record id."""
@@ -783,6 +807,7 @@ def train_on_records(
     fs = storage.resolve(summary.shards[0])[0] if storage.is_remote(summary.shards[0]) else None
     dataset = ray.data.read_parquet([storage.resolve(p)[1] for p in summary.shards] if fs else list(summary.shards),
                                     filesystem=fs, num_cpus=0.25)
+    drop_unregistered_checkpoints(storage.join(out_dir, "ray_train", f"{run_name}-{run_id}"))
     with relay() as console:  # the workers' log lines, shown on this console
         trainer = TorchTrainer(
             train_loop,
