@@ -807,7 +807,8 @@ def train_on_records(
     fs = storage.resolve(summary.shards[0])[0] if storage.is_remote(summary.shards[0]) else None
     dataset = ray.data.read_parquet([storage.resolve(p)[1] for p in summary.shards] if fs else list(summary.shards),
                                     filesystem=fs, num_cpus=0.25)
-    drop_unregistered_checkpoints(storage.join(out_dir, "ray_train", f"{run_name}-{run_id}"))
+    ray_train_root, ray_train_run = storage.join(out_dir, "ray_train"), f"{run_name}-{run_id}"
+    drop_unregistered_checkpoints(storage.join(ray_train_root, ray_train_run))
     with relay() as console:  # the workers' log lines, shown on this console
         trainer = TorchTrainer(
             train_loop,
@@ -824,7 +825,7 @@ def train_on_records(
                 placement_strategy=settings.placement_strategy,
             ),
             run_config=ray.train.RunConfig(
-                name=f"{run_name}-{run_id}", storage_path=str(storage.join(out_dir, "ray_train")),
+                name=ray_train_run, storage_path=str(ray_train_root),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=settings.keep_checkpoints),
                 failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
                 worker_runtime_env={"env_vars": {k: os.environ[k] for k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")
