@@ -101,7 +101,9 @@ def quiet_driver() -> None:
 
 def _cluster_address() -> str:
     """The running cluster this process joins: `ray job submit` sets RAY_ADDRESS for its driver, and so does a
-    user pointing a job at a cluster. Empty: Ray starts a local one."""
+    user pointing a job at a cluster (`auto`: the one `ray start` last started on this machine). Empty: Ray starts
+    a local one, even where a `ray start` cluster is running (plain `ray.init()` would join that one: a leftover
+    of another checkout or test run, with other code and other resources)."""
     return os.environ.get("RAY_ADDRESS", "")
 
 
@@ -127,7 +129,8 @@ def init_ray(**kwargs: Any) -> None:
     # reads it into its config when imported.)
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # configure_logging=False: Ray's driver loggers propagate to ours (filtered) instead of a handler of its own.
-    context = ray.init(ignore_reinit_error=True, log_to_driver=False, configure_logging=False, **kwargs)
+    context = ray.init(address or "local", ignore_reinit_error=True, log_to_driver=False, configure_logging=False,
+                       **kwargs)
     import ray.data  # noqa: F401  (it configures its own console handler when imported: filter that one too)
 
     _filter_consoles()

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from serve.app import APP_NAME, build_app
 
-    ray.init(ignore_reinit_error=True)
+    # RAY_ADDRESS names a cluster to join; without it a local one (never a leftover `ray start` cluster).
+    ray.init(os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
     try:
         serve.start(http_options={"host": ns.host, "port": ns.port})
         serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)

@@ -20,9 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster():
-    """A one-node cluster as `ray start --head` makes it; the CLI's environment to reach it."""
+    """A one-node cluster as `ray start --head` makes it; the CLI's environment to reach it, its GCS address in
+    HEAD_ADDRESS."""
     import ray
 
     # `ray stop` ends every Ray process on the machine: nothing of this session's may be running then.
@@ -32,8 +33,10 @@ def cluster():
            # `ray start --head` turns token authentication on; the CLI must then use it (STACK.md).
            "RAY_AUTH_MODE": "token", "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}
     env.pop("RAY_ADDRESS", None)
+    port = free_port()
+    env["HEAD_ADDRESS"] = f"127.0.0.1:{port}"
     start = subprocess.run(
-        [BIN / "ray", "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
+        [BIN / "ray", "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
          "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stdout + start.stderr
@@ -78,3 +81,20 @@ def test_distill_runs_under_ray_job_submit(cluster, tmp_path, starter_dir):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     stages = {r.data.tags.get("sad_ray.stage") for r in runs}
     assert {"train", "evaluate"} <= stages, stages
+
+
+def test_a_job_without_ray_address_starts_its_own_cluster_beside_a_running_one(cluster):
+    """Plain `ray.init()` joins the cluster `ray start` last started on the machine: a leftover of another checkout
+    or test run, running other code. Our jobs join only the cluster RAY_ADDRESS names (`auto`: that one)."""
+    probe = ("from sad_ray.console import init_ray; init_ray(); import ray; "
+             "print('GCS', ray.get_runtime_context().gcs_address)")
+    port = cluster["HEAD_ADDRESS"].rsplit(":", 1)[1]
+
+    def gcs_port(**env) -> str:
+        done = subprocess.run([sys.executable, "-c", probe], env={**cluster, **env}, cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.split("GCS ", 1)[1].split()[0].rsplit(":", 1)[1]
+
+    assert gcs_port() != port
+    assert gcs_port(RAY_ADDRESS="auto") == port
