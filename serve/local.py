@@ -40,7 +40,7 @@ def serving(args: AppArgs, host: str = "127.0.0.1", port: int = 0, access_log: b
     started_ray = not ray.is_initialized()
     init_ray()
     port = port or free_port(host)
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(proxy_location=_proxy_location(), http_options={"host": host, "port": port})
     try:
         serve.run(build_app(args), name=APP_NAME, route_prefix="/",
                   logging_config={"enable_access_log": access_log})
@@ -51,6 +51,17 @@ def serving(args: AppArgs, host: str = "127.0.0.1", port: int = 0, access_log: b
         serve.shutdown()
         if started_ray:
             ray.shutdown()
+
+
+def _proxy_location() -> str:
+    """Where the job's app takes HTTP: every request comes from this driver to its own node's proxy, so on the
+    head node (where `ray job submit` runs drivers) one proxy there is enough; Serve's default puts one on every
+    node holding a replica, each bound to the same host and port. A driver on another node keeps the default."""
+    import ray
+
+    me = ray.get_runtime_context().get_node_id()
+    head = any(n["NodeID"] == me and "node:__internal_head__" in n.get("Resources", {}) for n in ray.nodes())
+    return "HeadOnly" if head else "EveryNode"
 
 
 def eval_app_args(cfg, models: Mapping[str, str], api_key: str | None) -> AppArgs:

@@ -6,6 +6,7 @@ with records, models and checkpoints on a real S3-compatible server on loopback,
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -155,6 +156,7 @@ def test_the_distill_job_keeps_its_whole_run_root_on_s3_and_a_rerun_reuses_it(
 
     from sad_ray import storage
     from sad_ray.stages import run_distill
+    from serve.local import serve_models_for
     from tests.test_pipeline import small_config
 
     monkeypatch.chdir(tmp_path)
@@ -162,12 +164,28 @@ def test_the_distill_job_keeps_its_whole_run_root_on_s3_and_a_rerun_reuses_it(
     root = f"{s3_server}/multinode-job"
     cfg = small_config(tmp_path, f"paths.output_dir={root}", f"tracking.tracking_uri={mlflow_server}",
                        "tracking.experiment=multinode-job", "train.steps=2", "train.checkpoint_every=2",
-                       "eval.enabled=false")
-    first = run_distill(cfg)
+                       # Teacher and student served on the worker nodes (the head has no slot), one episode each.
+                       "eval.tasks=[0,0,1]", "eval.max_steps=2", "eval.max_new_tokens=16", "eval.engine=hf",
+                       "eval.forced_episodes=0", "eval.resources={slot: 1}", "eval.num_cpus=0.5")
+    first = run_distill(cfg, serve_models_for(cfg))
     (teacher,) = storage.list_dirs(root)
     assert isinstance(teacher, str) and storage.name(teacher).startswith("teacher-smollm2")
     assert first["student"] == f"{teacher}/students/sad-seed0" and first["records"] == f"{teacher}/records"
-    assert {storage.name(p) for p in storage.list_dirs(teacher)} == {"records", "student-init", "students", "ray_train"}
+    assert {storage.name(p) for p in storage.list_dirs(teacher)} == {
+        "records", "student-init", "students", "ray_train", "eval"}
+    # The evaluation staged both agents from S3 on the worker nodes it served them on, and left its results there.
+    assert {storage.name(p) for p in storage.list_files(f"{teacher}/eval")} >= {"episodes.jsonl", "summary.md"}
+    episodes = [json.loads(line) for line in storage.read_bytes(f"{teacher}/eval/episodes.jsonl").splitlines()]
+    assert sorted(e["agent"] for e in episodes) == ["student-sad-seed0", "teacher"]
+    from ray.util.state import list_actors
+
+    actors = list_actors(detail=True, limit=10000)
+    models = {a.class_name.rsplit(":", 1)[1]: a.node_id for a in actors if ":model" in a.class_name}
+    assert sorted(models) == ["model0-teacher", "model1-student-sad-seed0"], models
+    assert set(models.values()) <= {cluster["node_a"], cluster["node_b"]}, (models, cluster)
+    # One HTTP proxy, on the head where the driver is (Serve's default would bind one per replica node, every one
+    # on the same address here).
+    assert [a.node_id for a in actors if "ProxyActor" in a.class_name] == [cluster["head"]]
     assert {storage.name(p) for p in storage.list_files(teacher)} == {"teacher.json", "records_sample.jsonl"}
     assert {storage.name(p) for p in storage.list_files(first["student"])} >= {
         "model.safetensors", "sad_ray_train.json", "sad_ray_registered.json"}
@@ -177,7 +195,8 @@ def test_the_distill_job_keeps_its_whole_run_root_on_s3_and_a_rerun_reuses_it(
     (version,) = client.search_model_versions(f"name='{cfg.tracking.register_student_as}'")
     assert first["train"]["registered"]["version"] == version.version
 
-    again = run_distill(cfg)
+    again = run_distill(cfg, serve_models_for(cfg))
     assert again["records_written_now"] == 0 and again["mlflow_run_id"] == first["mlflow_run_id"]
+    assert again["eval"] == first["eval"]  # read back from S3, not played again
     assert again["train"]["registered"] == first["train"]["registered"]  # not trained or registered again
     assert len(client.search_model_versions(f"name='{cfg.tracking.register_student_as}'")) == 1
