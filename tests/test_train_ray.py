@@ -103,7 +103,7 @@ def test_sad_training_lowers_the_loss_and_saves_a_student(tmp_path, data):
     first, last = np.mean([v for _, v in history[:2]]), np.mean([v for _, v in history[-2:]])
     assert last < 0.7 * first, history
     for key in ("loss_cot", "loss_act", "lr", "tokens_per_second", "curriculum/open_fraction",
-                "curriculum/weight_entropy", "data_wait_fraction", "peak_memory_gb"):
+                "curriculum/weight_entropy", "data_wait_fraction", "peak_memory_gb", "peak_own_memory_gb"):
         assert loss_history(uri, run_id, key), key
     assert result.steps == 10 and result.tokens > 0
     student = Path(result.student_dir)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,3 +202,30 @@ def test_the_curriculum_moves_its_weights_toward_the_examples_the_student_trains
     assert hard_seen and easy_seen
     assert min(weight[i] for i in hard_seen) > max(weight[i] for i in easy_seen)
     assert all(sampler.running_loss[i] < 1e-5 for i in easy_seen)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc (Linux)")
+def test_the_memory_watch_tells_a_process_own_pages_from_shared_memory():
+    """A private buffer raises the own peak and not the shared one; a shared-memory block the reverse."""
+    import time
+    from multiprocessing import shared_memory
+
+    from sad_ray.train.step import MemoryWatch
+
+    watch = MemoryWatch(interval=0.01)
+    base = dict(watch.peaks)
+    private = np.ones(256 * 2**20 // 8)  # 256 MiB, every page touched
+    time.sleep(0.1)
+    assert watch.sample()["own"] - base["own"] > 0.2 and watch.peaks["shared"] - base["shared"] < 0.05
+    del private
+    block = shared_memory.SharedMemory(create=True, size=128 * 2**20)
+    view = np.ndarray((block.size,), np.uint8, block.buf)
+    try:
+        view[:] = 1
+        time.sleep(0.1)
+        assert watch.sample()["shared"] - base["shared"] > 0.1
+    finally:
+        del view
+        block.close()
+        block.unlink()
+        watch.stop()

@@ -443,9 +443,10 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from sad_ray.console import attach
     from sad_ray.precision import host_summary
-    from sad_ray.train.step import curriculum_step, peak_memory_gb
+    from sad_ray.train.step import MemoryWatch, curriculum_step, peak_memory_gb
 
     s: TrainConfig = config["settings"]
+    memory = MemoryWatch()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     attach(config.get("relay"), f"train worker {rank}")  # our log lines reach the driver's console
@@ -481,7 +482,8 @@ def train_loop(config: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - t0
         metrics = {"step": step, "loss": out.loss, "loss_cot": out.loss_cot, "loss_act": out.loss_act,
                    "loss_ce": out.loss_ce, "tokens": tokens, "seconds": elapsed + w.load_seconds,
-                   "data_wait_seconds": w.load_seconds, "peak_memory_gb": peak_memory_gb(w.device)}
+                   "data_wait_seconds": w.load_seconds, "peak_memory_gb": peak_memory_gb(w.device),
+                   **{f"peak_{kind}_memory_gb": gb for kind, gb in memory.sample().items()}}
         if rank == 0 and (step % s.log_every == 0 or step == s.steps):
             sink.log({**metrics, "lr": w.scheduler.get_last_lr()[0], "grad_norm": out.grad_norm,
                       "tokens_per_second": tokens / elapsed if elapsed else 0.0,
@@ -492,6 +494,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if step % s.checkpoint_every == 0 or step == s.steps:
             _checkpoint(ctx.get_experiment_name(), step, w, rank, metrics, final=step == s.steps,
                         zero3=w.engine is not None and s.zero_stage == 3)
+    memory.stop()
 
 
 class _Progress:
@@ -655,6 +658,9 @@ class TrainResult:
     data_wait_seconds: float
     checkpoint: str
     peak_memory_gb: float = 0.0  # rank 0's peak resident memory (since its last restart)
+    # Its two kinds, each sampled (step.MemoryWatch): its own pages, and the object store's it has read.
+    peak_own_memory_gb: float = 0.0
+    peak_shared_memory_gb: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -854,7 +860,9 @@ def train_on_records(
                       loss_cot=float(progress["loss_cot"]), loss_act=float(progress["loss_act"]),
                       tokens=int(progress["tokens"]), seconds=float(progress["seconds"]),
                       data_wait_seconds=float(progress["data_wait_seconds"]), checkpoint=str(result.checkpoint.path),
-                      peak_memory_gb=float(progress.get("peak_memory_gb", 0.0)))
+                      peak_memory_gb=float(progress.get("peak_memory_gb", 0.0)),
+                      peak_own_memory_gb=float(progress.get("peak_own_memory_gb", 0.0)),
+                      peak_shared_memory_gb=float(progress.get("peak_shared_memory_gb", 0.0)))
     (tmp / "sad_ray_train.json").write_text(json.dumps({"result": asdict(res), "run": run_id,
                                                         "teacher": summary.teacher,
                                                         "settings": asdict(settings)}, indent=2))

@@ -195,3 +195,43 @@ def peak_memory_gb(device: torch.device) -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB on Linux
+
+
+def resident_memory_gb() -> dict[str, float]:
+    """This process's resident memory now, by kind, from /proc/self/status (Linux; empty elsewhere): `own`
+    (anonymous and file-backed pages: its heap, tensors and libraries) and `shared` (shared memory mapped in: on a
+    Ray worker, the object store's pages it has read, which are the node's fixed-size store, not the worker's)."""
+    try:
+        with open("/proc/self/status") as f:
+            kib = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k.startswith("Rss")}
+    except (OSError, ValueError):
+        return {}
+    return {"own": (kib.get("RssAnon", 0) + kib.get("RssFile", 0)) / 2**20, "shared": kib.get("RssShmem", 0) / 2**20}
+
+
+class MemoryWatch:
+    """The peaks of `resident_memory_gb` over a run, sampled every `interval` seconds by a daemon thread (a peak
+    shorter than that can be missed; ru_maxrss, `peak_memory_gb`, never misses one but counts both kinds)."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        import threading
+
+        self.peaks: dict[str, float] = {}
+        self._stop = threading.Event()
+        self.sample()
+        if self.peaks:
+            self._thread = threading.Thread(target=self._run, args=(interval,), name="memory-watch", daemon=True)
+            self._thread.start()
+
+    def sample(self) -> dict[str, float]:
+        for kind, gb in resident_memory_gb().items():
+            self.peaks[kind] = max(gb, self.peaks.get(kind, 0.0))
+        return self.peaks
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+
