@@ -417,7 +417,7 @@ def main() -> int:
 
     # Ray (and so every replica) starts before the in-process engine sets the VLLM_CPU_* variables in this process:
     # Ray's processes copy this process's environment, and a variable already set wins over a ModelSpec's setting.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init("local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         # Two apps, so that no more than two vLLM engines are up at once (each is ~2-3 GB with its processes):
         # the teacher alone for parts 1 (with the in-process engine) and 2, then teacher and student for part 3.

@@ -16,7 +16,7 @@ def ray_local():
 
     if ray.is_initialized():  # an earlier test (a training run) started Ray in this process
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init("local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -96,3 +96,51 @@ def test_the_rollout_job_plays_all_three_environments_with_vllm(tmp_path):
     assert run.data.params["rollout.engine.kind"] == "vllm"
     bad = subprocess.run(args[:4] + ["rollout.engine.kind=onnx"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "rollout.engine.kind must be one of" in bad.stderr
+
+
+def test_a_student_plays_and_the_teacher_scores_its_own_turns(ray_local, starter_dir, tmp_path):
+    """On-policy rollouts: the episodes are the player's (a one-layer student of the starter), the top-k at its
+    tokens are the teacher's (not the player's), and the records name the teacher."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sad_ray.method.losses import predicting_rows
+    from sad_ray.models.student import build_student
+
+    student = build_student(starter_dir, tmp_path / "student", 6).path
+    cfg, recipe = small("hf", envs=("hotpotqa",)), RecordRecipe(top_k=5, max_tokens=4096)
+    run_rollouts(starter_dir, tmp_path / "on-policy", cfg, recipe, player_dir=student, precision="fp32")
+    run_rollouts(starter_dir, tmp_path / "teacher", cfg, recipe, precision="fp32")
+    played, taught = read_records(tmp_path / "on-policy"), read_records(tmp_path / "teacher")
+    assert played and {r.teacher_model for r in played} == {teacher_id(starter_dir)}
+
+    def replies(records):
+        return {r.id: [t["content"] for t in r.turns if t["role"] == "assistant"] for r in records}
+
+    assert replies(played) != replies(taught)  # the student's turns, not the teacher's
+
+    def top_logprobs(model_dir, record):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        ids = torch.as_tensor(record.input_ids, dtype=torch.long)[None]
+        rows = predicting_rows(torch.as_tensor(record.reason_mask)[None], torch.as_tensor(record.act_mask)[None])
+        with torch.no_grad():
+            return torch.log_softmax(model(ids).logits[rows], dim=-1).topk(5, dim=-1).values.numpy()
+
+    record = played[0]
+    teacher_gap = np.abs(top_logprobs(starter_dir, record) - record.topk_logprobs).max()
+    student_gap = np.abs(top_logprobs(student, record) - record.topk_logprobs).max()
+    assert teacher_gap < 1e-2 < 1.0 < student_gap  # the teacher's distribution at the student's tokens
+
+
+def test_a_player_with_another_tokenizer_is_refused(starter_dir, tmp_path):
+    import shutil
+
+    from sad_ray.rollout.pipeline import RolloutActor
+
+    other = tmp_path / "other"
+    shutil.copytree(starter_dir, other)
+    vocab = other / "tokenizer.json"
+    vocab.write_text(vocab.read_text().replace('"<|im_start|>"', '"<|im_begin|>"'))
+    with pytest.raises(ValueError, match="different tokenizers"):
+        RolloutActor(str(starter_dir), small("hf"), RecordRecipe(), {}, "fp32", player_dir=str(other))

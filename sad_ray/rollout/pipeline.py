@@ -90,10 +90,11 @@ class RecordRecipe:
 
 
 class RolloutActor:
-    """Holds one teacher engine; each call plays a batch of tasks and returns their record rows."""
+    """Holds the engine that plays and the teacher's engine that scores (one engine when the teacher plays); each
+    call plays a batch of tasks and returns their record rows."""
 
     def __init__(self, teacher_dir: str, cfg: RolloutConfig, seg: RecordRecipe, env_kwargs: dict[str, dict],
-                 precision: str = "auto"):
+                 precision: str = "auto", player_dir: str | None = None):
         from transformers import AutoTokenizer
 
         from sad_ray.models.identity import teacher_id
@@ -104,13 +105,26 @@ class RolloutActor:
         teacher_dir = str(stage(teacher_dir))  # a URI is copied to this node once; the folder keeps its name
         # What the records name as their teacher: the model's folder name and weights fingerprint.
         self.teacher_id = teacher_id(teacher_dir)
-        self.engine = make_engine(teacher_dir, cfg.engine, precision)
-        self.scorer = self.engine
-        if cfg.score_engine == "hf" and cfg.engine.kind != "hf":
-            self.scorer = make_engine(teacher_dir, replace(cfg.engine, kind="hf"), precision)
+        trust = cfg.engine.trust_remote_code
         # The masks need a fast HF tokenizer with offsets, whatever wrapper the engine keeps.
-        self.tokenizer = AutoTokenizer.from_pretrained(teacher_dir, trust_remote_code=cfg.engine.trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(teacher_dir, trust_remote_code=trust)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+        score_cfg = replace(cfg.engine, kind="hf") if cfg.score_engine == "hf" else cfg.engine
+        if player_dir is None:
+            self.engine = make_engine(teacher_dir, cfg.engine, precision)
+            self.scorer = self.engine if score_cfg.kind == cfg.engine.kind else make_engine(teacher_dir, score_cfg,
+                                                                                          precision)
+            return
+        # Another model plays (on-policy: the student) and the teacher scores its turns at its own positions,
+        # which needs the same token ids on both sides.
+        player_dir = str(stage(player_dir))
+        player = tokenizer_fingerprint(AutoTokenizer.from_pretrained(player_dir, trust_remote_code=trust))
+        if player != self.fingerprint:
+            raise ValueError(f"the player {player_dir} and the teacher {teacher_dir} have different tokenizers "
+                             f"({player[:12]} vs {self.fingerprint[:12]}): the teacher can only score a player's "
+                             f"turns token by token when both use the same vocabulary")
+        self.engine = make_engine(player_dir, cfg.engine, precision)
+        self.scorer = make_engine(teacher_dir, score_cfg, precision)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from sad_ray.envs import make_env
@@ -211,9 +225,13 @@ def run_rollouts(
     records_per_shard: int = 256,
     tasks: Sequence[Task] | None = None,
     precision: str = "auto",
+    player_dir: str | Path | None = None,
 ) -> RolloutReport:
     """Run the rollout stage on the current Ray cluster (starting a local one if none is up); the engines run in
-    `precision` (auto | bf16 | fp16 | fp32), resolved in each actor for the hardware it landed on."""
+    `precision` (auto | bf16 | fp16 | fp32), resolved in each actor for the hardware it landed on. The teacher
+    plays and scores; with `player_dir` that model plays (on-policy distillation: the student) and the teacher
+    scores its turns (`cfg.score_engine` "hf": a transformers copy of the teacher, else an engine of `cfg.engine`'s
+    kind), so the records carry the teacher's distribution at the player's own tokens."""
     import ray
 
     env_kwargs = env_kwargs or {}
@@ -236,7 +254,8 @@ def run_rollouts(
     init_ray()
     ds = ray.data.from_items([asdict(t) for t in todo]).map_batches(
         RolloutActor,
-        fn_constructor_args=(str(teacher_dir), cfg, seg, env_kwargs, precision),
+        fn_constructor_args=(str(teacher_dir), cfg, seg, env_kwargs, precision,
+                             None if player_dir is None else str(player_dir)),
         batch_size=cfg.tasks_per_batch,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
