@@ -107,6 +107,11 @@ def _cluster_address() -> str:
     return os.environ.get("RAY_ADDRESS", "")
 
 
+def ray_address() -> str:
+    """What to pass `ray.init`: the cluster `_cluster_address` names, else "local" (a new local cluster)."""
+    return _cluster_address() or "local"
+
+
 def started_local_cluster() -> bool:
     """Whether this process started its own Ray cluster (nothing will join it) rather than joining one, where
     an autoscaler may add the nodes a request waits for."""
@@ -129,7 +134,7 @@ def init_ray(**kwargs: Any) -> None:
     # reads it into its config when imported.)
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # configure_logging=False: Ray's driver loggers propagate to ours (filtered) instead of a handler of its own.
-    context = ray.init(address or "local", ignore_reinit_error=True, log_to_driver=False, configure_logging=False,
+    context = ray.init(ray_address(), ignore_reinit_error=True, log_to_driver=False, configure_logging=False,
                        **kwargs)
     import ray.data  # noqa: F401  (it configures its own console handler when imported: filter that one too)
 

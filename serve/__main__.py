@@ -79,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from sad_ray.console import ray_address
     from serve.app import APP_NAME, build_app
 
-    # RAY_ADDRESS names a cluster to join; without it a local one (never a leftover `ray start` cluster).
-    ray.init(os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True)
+    ray.init(ray_address(), ignore_reinit_error=True)  # RAY_ADDRESS's cluster, else a local one
     try:
         serve.start(http_options={"host": ns.host, "port": ns.port})
         serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)

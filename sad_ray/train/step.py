@@ -234,4 +234,3 @@ class MemoryWatch:
 
     def stop(self) -> None:
         self._stop.set()
-
