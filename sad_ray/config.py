@@ -220,6 +220,37 @@ class ArmConfig:
 
 
 @dataclass(frozen=True)
+class OnPolicyConfig:
+    """`on_policy`: the rounds of `loss.mode: on_policy` (sad_ray/onpolicy.py). The student plays `tasks_per_env`
+    training tasks of each of `rollout.envs` per round (the rest of section `rollout` says how: engine, actors, step
+    limit), the teacher scores its turns, and the student trains `train.steps` steps on them before the next round
+    plays with the new weights."""
+
+    rounds: int = 2
+    tasks_per_env: int = 8
+    # The student samples its turns at this temperature (on-policy distillation learns from the student's own
+    # distribution; 0 plays greedily).
+    temperature: float = 1.0
+    # The share of each round's training records that are the student's own (GKD's λ); the rest are a sample of
+    # the teacher's off-policy records (the `data` section's), drawn anew each round. 1: on-policy only.
+    fraction: float = 1.0
+    # The teacher writes an episode's next turn after this many consecutive turns that got nowhere (no parseable
+    # action, or "Nothing happens." / "Invalid action"); the turn is recorded in the records' teacher_turns. 0: never.
+    intervene_after: int = 0
+    # Records of each round on which the teacher-student divergence of the round's player is measured.
+    divergence_records: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "tasks_per_env"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1] (0 would be loss.mode off_policy), got {self.fraction}")
+        if self.temperature < 0 or self.intervene_after < 0 or self.divergence_records < 0:
+            raise ValueError("temperature, intervene_after and divergence_records must be >= 0")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """`experiment`: the grid jobs/experiment.py runs (sad_ray/experiment.py)."""
 
@@ -256,6 +287,7 @@ class Config:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)  # the rounds of loss.mode on_policy
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     environments: EnvironmentsConfig = field(default_factory=EnvironmentsConfig)

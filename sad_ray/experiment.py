@@ -69,8 +69,8 @@ def run_experiment(cfg: Config, serve_models: ServeModels, only: Sequence[str] =
         output_root,
         stage_models,
         stage_records,
-        stage_train,
         teacher_folders,
+        train_student,
     )
 
     exp = cfg.experiment
@@ -100,7 +100,7 @@ def run_experiment(cfg: Config, serve_models: ServeModels, only: Sequence[str] =
             acfg = arm_config(cfg, arm, seed)
             log.info("experiment %s: %s (%d/%d)", exp.name, name, i, len(todo))
             if arm.train:
-                summary = stage_train(acfg, folders, student_init, name=f"{exp.name}/{name}")
+                summary = train_student(acfg, folders, student_init, name=f"{exp.name}/{name}")
                 source = summary["student_dir"]
                 train = {**{k: summary.get(k) for k in ("steps", "seconds", "loss", "tokens_per_second",
                                                          "run_identity")},

@@ -8,6 +8,11 @@ Schema v2 dropped v1's `complexity` column (always 0.0: complexity is normalised
 computes it over its own data from reasoning_length, action_length and teacher_entropy); v1 shards still read,
 their complexity column ignored. `teacher_model` is the teacher's id (`sad_ray.models.identity.teacher_id`:
 `<folder name>@<fingerprint>`), so records of one teacher are never mistaken for another's (`check_teacher`).
+
+Schema v3 adds who played the chat: `policy` ("teacher": the teacher's own trajectory, off-policy; "student": the
+student's, on-policy, scored by the teacher), `round` (the on-policy round that played it, 0 for off-policy records)
+and `teacher_turns` (indices into `turns` of the assistant turns the teacher wrote inside a student's episode:
+`on_policy.intervene_after`). v1 and v2 shards still read, as the teacher's off-policy records of round 0.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from sad_ray import storage
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
-# Versions this sad_ray reads: v1 differs only by its extra `complexity` column, which is not read.
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+# Versions this sad_ray reads: v1 has an extra `complexity` column, which is not read; v1 and v2 lack v3's
+# columns, read as their defaults (V3_DEFAULTS).
+READABLE_VERSIONS = (1, 2, 3)
+POLICIES = ("teacher", "student")
 SPLITS = ("train", "val", "test")
 # float32 logprobs summed over k + 1 buckets: a looser bound would hide a wrong tail, a tighter one rounding.
 MASS_TOLERANCE = 2e-3
@@ -59,9 +66,18 @@ SCHEMA = pa.schema(
         ("teacher_entropy", pa.float32()),
         ("teacher_model", pa.string()),
         ("tokenizer_fingerprint", pa.string()),
+        ("policy", pa.string()),
+        ("round", pa.int32()),
+        ("teacher_turns", pa.list_(pa.int32())),
     ],
     metadata={b"sad_ray.schema_version": str(SCHEMA_VERSION).encode()},
 )
+
+
+# The columns v3 added and what a v1 or v2 record reads as: the teacher's own trajectory, off-policy.
+V3_DEFAULTS: dict[str, Any] = {"policy": "teacher", "round": 0, "teacher_turns": []}
+# The columns every readable version has: what a reader of mixed-version folders asks for.
+COMMON_COLUMNS = [name for name in SCHEMA.names if name not in V3_DEFAULTS]
 
 
 class RecordError(ValueError):
@@ -92,6 +108,9 @@ class TrajectoryRecord:
     teacher_entropy: float
     teacher_model: str  # the teacher's id (sad_ray.models.identity.teacher_id), or "expert-demonstrations"
     tokenizer_fingerprint: str
+    policy: str = "teacher"  # who played the chat: "teacher" (off-policy) or "student" (on-policy)
+    round: int = 0  # the on-policy round that played it; 0 for off-policy records
+    teacher_turns: tuple[int, ...] = ()  # indices into `turns` of assistant turns the teacher wrote (interventions)
     schema_version: int = SCHEMA_VERSION
     reasoning_length: int = field(init=False)
     action_length: int = field(init=False)
@@ -131,12 +150,16 @@ class TrajectoryRecord:
             "teacher_entropy": float(self.teacher_entropy),
             "teacher_model": self.teacher_model,
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "policy": self.policy,
+            "round": int(self.round),
+            "teacher_turns": [int(i) for i in self.teacher_turns],
         }
 
 
 def record_from_row(row: dict[str, Any], source: str | None = None) -> TrajectoryRecord:
     """Validate a row (as read from Parquet or handed over by Ray Data) and build its record."""
     validate_row(row, source)
+    row = {**V3_DEFAULTS, **{k: v for k, v in row.items() if v is not None or k not in V3_DEFAULTS}}
     k = int(row["top_k"])
     return TrajectoryRecord(
         id=row["id"],
@@ -156,7 +179,10 @@ def record_from_row(row: dict[str, Any], source: str | None = None) -> Trajector
         teacher_entropy=float(row["teacher_entropy"]),
         teacher_model=row["teacher_model"],
         tokenizer_fingerprint=row["tokenizer_fingerprint"],
-        # A v1 row holds every v2 field (its complexity is not read): in memory it is a v2 record.
+        policy=row["policy"],
+        round=int(row["round"]),
+        teacher_turns=tuple(int(i) for i in row["teacher_turns"]),
+        # A v1 or v2 row holds every field but v3's, read as their defaults: in memory it is a v3 record.
         schema_version=SCHEMA_VERSION,
     )
 
@@ -168,7 +194,7 @@ def validate_row(row: dict[str, Any], source: str | None = None) -> None:
     def fail(name: str, message: str) -> None:
         raise RecordError(rid, name, message, source)
 
-    missing = [name for name in SCHEMA.names if name not in row]
+    missing = [name for name in SCHEMA.names if name not in row and name not in V3_DEFAULTS]
     if missing:
         fail(missing[0], "is missing")
     if row["schema_version"] not in READABLE_VERSIONS:
@@ -252,6 +278,23 @@ def validate_row(row: dict[str, Any], source: str | None = None) -> None:
         fail("steps", f"must be a non-negative integer, got {row['steps']!r}")
     if not isinstance(row["success"], (bool, np.bool_)):
         fail("success", f"must be true or false, got {row['success']!r}")
+    # v3's columns: absent (or null) in v1 and v2 rows, which read as the teacher's round-0 records.
+    policy, rnd = row.get("policy"), row.get("round")
+    if policy is not None and policy not in POLICIES:
+        fail("policy", f"must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if rnd is not None and (not isinstance(rnd, (int, np.integer)) or rnd < 0):
+        fail("round", f"must be a non-negative integer, got {rnd!r}")
+    if (policy or "teacher") == "teacher" and rnd:
+        fail("round", f"is {rnd} on a record the teacher played; rounds number the student's on-policy play")
+    written = row.get("teacher_turns")
+    if written is not None and len(written):
+        roles = [t["role"] for t in turns]
+        for i in written:
+            if not isinstance(i, (int, np.integer)) or not 0 <= i < len(roles) or roles[i] != "assistant":
+                fail("teacher_turns", f"must index assistant turns of the {len(roles)} turns, got {i!r}")
+        if (policy or "teacher") != "student":
+            fail("teacher_turns", "marks teacher-written turns of a student's episode; this record's policy is "
+                                  f"{policy or 'teacher'!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------- io
@@ -416,10 +459,12 @@ def read_shard_table(path: str | Path) -> pa.Table:
         raise RecordError(
             "<file>", "schema_version", f"file is version {int(version)}, this sad_ray reads {READABLE_VERSIONS}",
             str(path))
-    missing = [name for name in SCHEMA.names if name not in schema.names]
+    missing = [name for name in SCHEMA.names if name not in schema.names
+               and (name not in V3_DEFAULTS or int(version) >= 3)]
     if missing:
         raise RecordError("<file>", missing[0], "column is missing", str(path))
-    return _read_columns(path, SCHEMA.names)  # a v1 file's complexity column is left out
+    # a v1 file's complexity column is left out; a v1/v2 file's rows lack v3's columns (record_from_row fills them)
+    return _read_columns(path, [name for name in SCHEMA.names if name in schema.names])
 
 
 def _read_columns(shard: str | Path, columns: list[str]) -> pa.Table:

@@ -24,7 +24,7 @@ import json
 import logging
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -180,8 +180,9 @@ def teacher_folders(cfg: Config, out: Path | str) -> TeacherFolders:
 
 
 def training_run_name(cfg: Config) -> str:
-    """A training run's folder (`students/<name>`) and MLflow child run (`train-<name>`): objective and seed."""
-    return f"{cfg.loss.objective}-seed{cfg.train.seed}"
+    """A training run's folder (`students/<name>`) and MLflow child run (`train-<name>`): objective and seed, after
+    `onpolicy-` for an on-policy run (whose rounds live in `on_policy/<name>-<settings key>`)."""
+    return f"{'onpolicy-' if cfg.loss.mode == 'on_policy' else ''}{cfg.loss.objective}-seed{cfg.train.seed}"
 
 
 def _student_info(where: Path | str) -> dict:
@@ -342,13 +343,17 @@ def write_sample(rows: list[dict], where: Path | str) -> None:
         storage.write_bytes(where, local.read_bytes())
 
 
-def stage_train(cfg: Config, folders: TeacherFolders, student_init: Path | str, name: str | None = None) -> dict:
+def stage_train(cfg: Config, folders: TeacherFolders, student_init: Path | str, name: str | None = None, *,
+                records: Sequence[Path | str] | None = None, final: Path | str | None = None,
+                register: bool = True) -> dict:
     """The student trained on the teacher's records under Ray Train (sad_ray.train.ray_train), then registered.
 
     Each training run has its own folder, `students/<objective>-seed<seed>`, and its own MLflow child run,
     `train-<objective>-seed<seed>`, so runs of different objectives or seeds never overwrite one another; each
     trained student is a version of `tracking.register_student_as` tagged with its objective, seed, teacher and
     run identity. `name` replaces `<objective>-seed<seed>` (jobs/experiment.py: `<experiment>/<arm>-seed<seed>`).
+    An on-policy round (sad_ray.onpolicy) trains on its own `records` folders into its own `final` folder, and
+    registers only its last round's student (`register`).
     """
     import itertools
 
@@ -357,17 +362,18 @@ def stage_train(cfg: Config, folders: TeacherFolders, student_init: Path | str, 
     from sad_ray.train.ray_train import train_on_records
 
     name = name or training_run_name(cfg)
-    final = folders.student(name)
+    final = final if final is not None else folders.student(name)
+    train_records = list(records) if records is not None else folders.records
     tags = {"sad_ray.objective": cfg.loss.objective, "sad_ray.seed": cfg.train.seed,
             "sad_ray.teacher": folders.teacher_id}
     sample = folders.file("records_sample.jsonl")
     with tracking.stage_run("train", {"objective": cfg.loss.objective,
                                       **{f"train.{k}": v for k, v in to_flat_dict(cfg.train).items()}},
                             name=f"train-{name}", tags=tags) as run:
-        if storage.exists(folders.records) and not storage.exists(sample):
+        if records is None and storage.exists(folders.records) and not storage.exists(sample):
             write_sample([r.to_row() for r in itertools.islice(iter_records(folders.records), 3)], sample)
         result = train_on_records(
-            folders.records, student_init, folders.root, cfg.train, cfg.loss, cfg.curriculum, run_name=name,
+            train_records, student_init, folders.root, cfg.train, cfg.loss, cfg.curriculum, run_name=name,
             tracking_uri=cfg.tracking.tracking_uri, mlflow_run_id=run.info.run_id,
             trust_remote_code=cfg.models.trust_remote_code, precision=cfg.precision,
             teacher=folders.teacher_id, final_dir=final,
@@ -379,16 +385,34 @@ def stage_train(cfg: Config, folders: TeacherFolders, student_init: Path | str, 
         mlflow.set_tag("sad_ray.run_identity", identity)
         marker = storage.join(final, "sad_ray_registered.json")
         registered = json.loads(storage.read_bytes(marker)) if storage.is_file(marker) else {}
-        if registered.get("run") != identity or registered.get("name") != cfg.tracking.register_student_as:
+        if register and registered.get("run") != identity or registered.get("name") != cfg.tracking.register_student_as:
             version = tracking.register_model(storage.stage(final), cfg.tracking.register_student_as,
                                               tags={**tags, "sad_ray.run_identity": identity})
             # `mlflow_run_id`: the child run that trained and registered it (a rerun's own finds it here)
             registered = {"name": cfg.tracking.register_student_as, "version": version, "run": identity,
                           "mlflow_run_id": run.info.run_id}
             storage.write_bytes(marker, json.dumps(registered).encode())
+        elif not register:
+            registered = {}
         summary = {**asdict(result), "tokens_per_second": result.tokens_per_second, "registered": registered,
                    "run_identity": identity}
     return summary
+
+
+def train_student(cfg: Config, folders: TeacherFolders, student_init: Path | str, name: str | None = None) -> dict:
+    """The student of `loss.mode`: trained on the teacher's records (stage_train), or in on-policy rounds on its
+    own play scored by the teacher (sad_ray.onpolicy). Either way the summary has `student_dir`, `steps`,
+    `seconds`, `loss`, `tokens_per_second`, `run_identity` and `registered`."""
+    if cfg.loss.mode == "on_policy":
+        from sad_ray.onpolicy import run_on_policy
+
+        return run_on_policy(cfg, folders, student_init, name)
+    return stage_train(cfg, folders, student_init, name)
+
+
+def needs_teacher_records(cfg: Config) -> bool:
+    """Off-policy training reads the teacher's records; on-policy rounds only when they mix some in."""
+    return cfg.loss.mode == "off_policy" or cfg.on_policy.fraction < 1.0
 
 
 def run_train_job(cfg: Config) -> dict:
@@ -401,7 +425,7 @@ def run_train_job(cfg: Config) -> dict:
     folders = teacher_folders(cfg, output_root(cfg))
     with tracking.job_run(cfg, "train_student", {"teacher": folders.teacher_id}) as run:
         student_init, _ = stage_models(cfg, folders)
-        summary = stage_train(cfg, folders, student_init)
+        summary = train_student(cfg, folders, student_init)
         return {"mlflow_run_id": run.info.run_id, "teacher_id": folders.teacher_id,
                 "student": summary["student_dir"], "train": summary}
 
@@ -426,8 +450,8 @@ def run_distill(cfg: Config, serve_models: ServeModels | None = None) -> dict:
     folders = teacher_folders(cfg, output_root(cfg))
     with tracking.job_run(cfg, "distill", {"teacher": folders.teacher_id}) as run:
         student_init, _ = stage_models(cfg, folders)
-        report = stage_records(cfg, folders)
-        summary = stage_train(cfg, folders, student_init)
+        report = stage_records(cfg, folders) if needs_teacher_records(cfg) else ScoreReport()
+        summary = train_student(cfg, folders, student_init)
         evaluation = None
         if cfg.eval.enabled and serve_models is not None:
             from sad_ray.eval.job import Agent, evaluation_stage

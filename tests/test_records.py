@@ -114,6 +114,11 @@ def broken(mutate) -> dict:
         ("id", lambda r: r.__setitem__("id", "")),
         ("turns", lambda r: r.__setitem__("turns", [{"role": "user"}])),
         ("tokenizer_fingerprint", lambda r: r.pop("tokenizer_fingerprint")),
+        ("policy", lambda r: r.__setitem__("policy", "expert")),
+        ("round", lambda r: r.__setitem__("round", 2)),  # the teacher's own play has no round
+        ("round", lambda r: (r.__setitem__("policy", "student"), r.__setitem__("round", -1))),
+        ("teacher_turns", lambda r: (r.__setitem__("policy", "student"), r.__setitem__("teacher_turns", [0]))),
+        ("teacher_turns", lambda r: r.__setitem__("teacher_turns", [1])),  # only a student's episode has them
     ],
 )
 def test_validation_names_the_record_and_the_field(field, mutate):
@@ -162,30 +167,46 @@ V1_SCHEMA = pa.schema(
 )
 
 
-def test_v2_drops_complexity_and_v1_shards_still_read(tmp_path):
+# Schema v2 as it was written: v3 without policy, round and teacher_turns.
+V2_SCHEMA = pa.schema([f for f in SCHEMA if f.name not in ("policy", "round", "teacher_turns")],
+                      metadata={b"sad_ray.schema_version": b"2"})
+
+
+def student_record(rid="s0", seed=0, round=1, teacher_turns=(1,)) -> TrajectoryRecord:
+    return dataclasses.replace(make_record(rid, seed=seed), policy="student", round=round, teacher_turns=teacher_turns)
+
+
+def test_v3_says_who_played_and_v1_and_v2_shards_still_read(tmp_path):
     recs = [make_record(f"r{i}", seed=i) for i in range(3)]
-    # v2: no complexity anywhere, the version in the file's metadata and in every row.
-    assert SCHEMA_VERSION == 2 and "complexity" not in SCHEMA.names
+    # v3: no complexity, the player's columns, the version in the file's metadata and in every row.
+    assert SCHEMA_VERSION == 3 and "complexity" not in SCHEMA.names
+    assert {"policy", "round", "teacher_turns"} <= set(SCHEMA.names)
     assert not hasattr(recs[0], "complexity") and "complexity" not in recs[0].to_row()
-    write_shard(recs, tmp_path / "v2" / "part-00000.parquet")
-    schema = pq.read_schema(tmp_path / "v2" / "part-00000.parquet")
-    assert schema.metadata[b"sad_ray.schema_version"] == b"2" and "complexity" not in schema.names
-    # v1, written with the old schema (complexity 0.0, version 1): read back whole, its complexity ignored.
-    rows = [{**r.to_row(), "schema_version": 1, "complexity": 0.0} for r in recs]
-    (tmp_path / "v1").mkdir()
-    pq.write_table(pa.Table.from_pylist(rows, schema=V1_SCHEMA), tmp_path / "v1" / "part-00000.parquet")
-    back = read_records(tmp_path / "v1")
-    assert [r.id for r in back] == [r.id for r in recs]
-    for a, b in zip(recs, back, strict=True):
-        np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
-        assert (a.teacher_entropy, a.teacher_model, a.reasoning_length) == (b.teacher_entropy, b.teacher_model,
-                                                                           b.reasoning_length)
-        assert b.schema_version == 2  # in memory a v1 record is a v2 record
-    assert existing_ids(tmp_path / "v1") == {r.id for r in recs}
-    # A rerun adds v2 shards beside v1 ones; both read.
-    with ShardWriter(tmp_path / "v1", records_per_shard=2) as w:
-        w.add(make_record("r9", seed=9))
-    assert sorted(r.id for r in read_records(tmp_path / "v1")) == ["r0", "r1", "r2", "r9"]
+    write_shard([*recs, student_record()], tmp_path / "v3" / "part-00000.parquet")
+    schema = pq.read_schema(tmp_path / "v3" / "part-00000.parquet")
+    assert schema.metadata[b"sad_ray.schema_version"] == b"3" and "complexity" not in schema.names
+    back = read_records(tmp_path / "v3")
+    assert [(r.policy, r.round, r.teacher_turns) for r in back] == [("teacher", 0, ())] * 3 + [("student", 1, (1,))]
+    # v1 (complexity 0.0, version 1) and v2 (no player columns), written with their old schemas: read back whole,
+    # v1's complexity ignored, both as the teacher's own play of round 0.
+    old = {"v1": ([{**r.to_row(), "schema_version": 1, "complexity": 0.0} for r in recs], V1_SCHEMA),
+           "v2": ([{**r.to_row(), "schema_version": 2} for r in recs], V2_SCHEMA)}
+    for version, (rows, schema) in old.items():
+        (tmp_path / version).mkdir()
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / version / "part-00000.parquet")
+        back = read_records(tmp_path / version)
+        assert [r.id for r in back] == [r.id for r in recs]
+        for a, b in zip(recs, back, strict=True):
+            np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
+            assert (a.teacher_entropy, a.teacher_model, a.reasoning_length) == (b.teacher_entropy, b.teacher_model,
+                                                                               b.reasoning_length)
+            assert (b.policy, b.round, b.teacher_turns) == ("teacher", 0, ())
+            assert b.schema_version == 3  # in memory an old record is a v3 record
+        assert existing_ids(tmp_path / version) == {r.id for r in recs}
+        # A rerun adds v3 shards beside old ones; all read.
+        with ShardWriter(tmp_path / version, records_per_shard=2) as w:
+            w.add(student_record("r9", seed=9))
+        assert sorted(r.id for r in read_records(tmp_path / version)) == ["r0", "r1", "r2", "r9"]
 
 
 def test_records_of_another_teacher_are_refused_naming_the_file(tmp_path):

@@ -65,6 +65,9 @@ class Episode:
     step_seconds: tuple[float, ...] = ()
     step_tokens: tuple[int, ...] = ()
     scores: dict[str, float] = field(default_factory=dict)
+    # Indices into `turns` of the assistant turns another agent wrote: the teacher stepping into a student's
+    # episode (on-policy distillation, `on_policy.intervene_after`).
+    teacher_turns: tuple[int, ...] = ()
 
 
 class Environment(ABC):

@@ -251,7 +251,11 @@ class LossConfig:
     # tokens (the token-level baseline; MiniLLM-style with divergence=reverse). no_segmentation: the paper's
     # ablation name for token_kd, kept so ablation tables read like the paper. sft: cross entropy only.
     objective: Objective = "sad"
-    divergence: Divergence = "forward"
+    # off_policy: train on the teacher's own trajectories. on_policy: rounds in which the student plays and the
+    # teacher scores the student's turns (sad_ray.onpolicy; config section `on_policy`).
+    mode: Literal["off_policy", "on_policy"] = "off_policy"
+    # auto: reverse KL in the on_policy mode (as on-policy distillation uses), forward KL off-policy.
+    divergence: Literal["auto", "forward", "reverse", "jsd"] = "auto"
     temperature: float = 1.0
     # Mixture weight of the teacher in the generalized JSD.
     beta: float = 0.5
@@ -261,6 +265,10 @@ class LossConfig:
     ce_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.mode not in ("off_policy", "on_policy"):
+            raise ValueError(f"mode must be 'off_policy' or 'on_policy', got {self.mode!r}")
+        if self.divergence == "auto":
+            object.__setattr__(self, "divergence", "reverse" if self.mode == "on_policy" else "forward")
         for name, allowed in (("objective", get_args(Objective)), ("divergence", get_args(Divergence))):
             value = getattr(self, name)
             if value not in allowed:

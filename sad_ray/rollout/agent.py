@@ -18,6 +18,13 @@ from sad_ray.rollout.engines import Engine, SamplingConfig, generate_timed
 log = logging.getLogger(__name__)
 
 _ACTION = re.compile(r"^\s*Action(?:\s*\d+)?\s*:\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
+# Observations that say the last action did nothing: ALFWorld's (TextWorld's) and HotPotQA's and WebShop's.
+_STALLED = re.compile(r"^\s*(nothing happens|invalid action)", re.IGNORECASE)
+
+
+def stalled(action: str | None, observation: str) -> bool:
+    """A turn that got the agent nowhere: no parseable action, or an observation saying the action did nothing."""
+    return action is None or bool(_STALLED.match(observation))
 
 
 def parse_action(text: str) -> str | None:
@@ -51,8 +58,10 @@ class _Live:
     turns: list[dict[str, str]]
     steps: int = 0
     invalid: int = 0
+    stalled: int = 0  # consecutive turns that got nowhere (`stalled`)
     seconds: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    teacher_turns: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -62,6 +71,7 @@ class PlayStats:
     steps: int = 0
     turns_without_action: int = 0
     generate_calls: int = 0
+    teacher_turns: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,17 +82,34 @@ class PlayConfig:
     context_chars: int | None = None
 
 
+@dataclass(frozen=True)
+class Intervention:
+    """The teacher steps in (on-policy distillation, `on_policy.intervene_after`): after `after` consecutive turns
+    that got nowhere (`stalled`), `engine` writes the episode's next turn; the episode records it in
+    `teacher_turns`, and the count starts again."""
+
+    engine: Engine
+    after: int
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        if self.after < 1:
+            raise ValueError(f"intervene_after must be >= 1, got {self.after}")
+
+
 def play(
     engine: Engine,
     make_env: Callable[[str], Environment],
     tasks: Iterable[Task],
     cfg: PlayConfig = PlayConfig(),
     stats: PlayStats | None = None,
+    intervention: Intervention | None = None,
 ) -> Iterator[Episode]:
     """Play every task to its end with the engine as the agent; yields episodes as they finish.
 
     `make_env(name)` builds a fresh environment; tasks of different environments share the in-flight batch,
-    and finished environments are reused for later tasks of the same name.
+    and finished environments are reused for later tasks of the same name. With an `intervention`, an episode
+    stuck for `intervention.after` turns gets its next turn from `intervention.engine`.
     """
     stats = stats if stats is not None else PlayStats()
     pending = iter(tasks)
@@ -103,11 +130,21 @@ def play(
                                               {"role": "user", "content": observation}]))
             if not live:
                 break
-            turns = generate_timed(engine, [context_window(ep.turns, cfg.context_chars) for ep in live],
-                                   cfg.sampling)
-            stats.generate_calls += 1
+            stuck = [intervention is not None and ep.stalled >= intervention.after for ep in live]
+            turns: list = [None] * len(live)
+            for by_teacher in (False, True):
+                which = [i for i, s in enumerate(stuck) if s == by_teacher]
+                if not which:
+                    continue
+                writer, sampling = (intervention.engine, intervention.sampling) if by_teacher else (engine,
+                                                                                                   cfg.sampling)
+                made = generate_timed(writer, [context_window(live[i].turns, cfg.context_chars) for i in which],
+                                      sampling)
+                stats.generate_calls += 1
+                for i, turn in zip(which, made, strict=True):
+                    turns[i] = turn
             still: list[_Live] = []
-            for ep, turn in zip(live, turns, strict=True):
+            for ep, turn, by_teacher in zip(live, turns, stuck, strict=True):
                 text = turn.text
                 ep.seconds.append(turn.seconds)
                 ep.tokens.append(turn.completion_tokens)
@@ -115,8 +152,13 @@ def play(
                 if action is None:
                     stats.turns_without_action += 1
                     ep.invalid += 1
+                if by_teacher:
+                    ep.teacher_turns.append(len(ep.turns))
+                    stats.teacher_turns += 1
+                    ep.stalled = 0
                 ep.turns.append({"role": "assistant", "content": text})
                 result = ep.env.step(action or "")
+                ep.stalled = ep.stalled + 1 if stalled(action, result.observation) else 0
                 ep.steps += 1
                 stats.steps += 1
                 if result.done:
@@ -127,7 +169,7 @@ def play(
                     yield Episode(id=ep.task.id, env=ep.task.env, task_type=ep.task.task_type, split=ep.task.split,
                                   turns=tuple(ep.turns), success=won, reward=float(result.reward), steps=ep.steps,
                                   step_seconds=tuple(ep.seconds), step_tokens=tuple(ep.tokens),
-                                  scores=_scores(result.info))
+                                  scores=_scores(result.info), teacher_turns=tuple(ep.teacher_turns))
                 else:
                     ep.turns.append({"role": "user", "content": result.observation})
                     still.append(ep)

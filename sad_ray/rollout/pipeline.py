@@ -29,7 +29,7 @@ from sad_ray.records import (
     record_from_row,
 )
 from sad_ray.resources import check_resources
-from sad_ray.rollout.agent import PlayConfig, PlayStats, generated_tokens, play
+from sad_ray.rollout.agent import Intervention, PlayConfig, PlayStats, generated_tokens, play
 from sad_ray.rollout.engines import EngineConfig, SamplingConfig, make_engine
 from sad_ray.rollout.score import score_episodes
 
@@ -38,8 +38,10 @@ log = logging.getLogger(__name__)
 # Rows leaving an actor, by `row_kind`: "episode" (one per finished episode: id, env, task_type, success, steps,
 # generated_tokens, and drop_reason when it is not kept), "record" (the record's columns) and "drop" (a window of
 # a kept episode that did not become a record, with its drop_reason). One channel, so the driver counts outcomes.
+# Episode rows also carry `load_seconds`: how long the actor took to load the player's weights into its engine
+# (on-policy rounds report it as the weight sync).
 ROW_SCHEMA = (SCHEMA.append(pa.field("drop_reason", pa.string())).append(pa.field("generated_tokens", pa.int64()))
-              .append(pa.field("row_kind", pa.string())))
+              .append(pa.field("row_kind", pa.string())).append(pa.field("load_seconds", pa.float64())))
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,11 @@ class RecordRecipe:
     drop_with_issues: bool = False
     top_k: int = 20
     max_tokens: int = 2048
+    # Who plays (`policy` of the records): "teacher", or "student" in on-policy round `round` (>= 1).
+    policy: str = "teacher"
+    round: int = 0
+    # On-policy only: the teacher writes an episode's next turn after this many turns that got nowhere (0: never).
+    intervene_after: int = 0
 
 
 class RolloutActor:
@@ -111,12 +118,18 @@ class RolloutActor:
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         score_cfg = replace(cfg.engine, kind="hf") if cfg.score_engine == "hf" else cfg.engine
         if player_dir is None:
+            start = time.perf_counter()
             self.engine = make_engine(teacher_dir, cfg.engine, precision)
+            self.load_seconds = time.perf_counter() - start
             self.scorer = self.engine if score_cfg.kind == cfg.engine.kind else make_engine(teacher_dir, score_cfg,
                                                                                           precision)
             return
         # Another model plays (on-policy: the student) and the teacher scores its turns at its own positions,
         # which needs the same token ids on both sides.
+        self.scorer = make_engine(teacher_dir, score_cfg, precision)
+        # The weight sync of an on-policy round: the new student's weights from storage (staged to this node)
+        # into a ready engine.
+        start = time.perf_counter()
         player_dir = str(stage(player_dir))
         player = tokenizer_fingerprint(AutoTokenizer.from_pretrained(player_dir, trust_remote_code=trust))
         if player != self.fingerprint:
@@ -124,7 +137,7 @@ class RolloutActor:
                              f"({player[:12]} vs {self.fingerprint[:12]}): the teacher can only score a player's "
                              f"turns token by token when both use the same vocabulary")
         self.engine = make_engine(player_dir, cfg.engine, precision)
-        self.scorer = make_engine(teacher_dir, score_cfg, precision)
+        self.load_seconds = time.perf_counter() - start
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from sad_ray.envs import make_env
@@ -139,7 +152,8 @@ class RolloutActor:
         def finished(ep, reason: str | None) -> None:
             rows.append({"id": ep.id, "env": ep.env, "task_type": ep.task_type, "success": ep.success,
                          "steps": ep.steps, "drop_reason": reason, "row_kind": "episode",
-                         "generated_tokens": generated_tokens(self.tokenizer, ep)})
+                         "generated_tokens": generated_tokens(self.tokenizer, ep), "load_seconds": self.load_seconds,
+                         "teacher_turns": list(ep.teacher_turns)})
 
         def dropped(ep, reason: str) -> None:
             rows.append({"id": ep.id, "env": ep.env, "task_type": ep.task_type, "success": ep.success,
@@ -148,8 +162,10 @@ class RolloutActor:
         def new_env(name: str):
             return make_env(name, **{"max_steps": self.cfg.max_steps, **self.env_kwargs.get(name, {})})
 
+        intervention = (Intervention(self.scorer, self.seg.intervene_after, play_cfg.sampling)
+                        if self.seg.intervene_after else None)
         # All environments' tasks share one in-flight batch: bigger engine batches, one pass.
-        for ep in play(self.engine, new_env, tasks, play_cfg, PlayStats()):
+        for ep in play(self.engine, new_env, tasks, play_cfg, PlayStats(), intervention):
             if self.cfg.keep == "success" and not ep.success:
                 finished(ep, "failed_episode")
             else:
@@ -159,7 +175,8 @@ class RolloutActor:
             kept, self.tokenizer, self.scorer, fmt=self.seg.fmt, top_k=self.seg.top_k,
             fingerprint=self.fingerprint, on_unparsed=self.seg.on_unparsed,
             drop_with_issues=self.seg.drop_with_issues, max_tokens=self.seg.max_tokens, on_drop=dropped,
-            context_chars=self.cfg.context_chars, teacher_model=self.teacher_id,
+            context_chars=self.cfg.context_chars, teacher_model=self.teacher_id, policy=self.seg.policy,
+            round=self.seg.round,
         ):
             rows.append({**record.to_row(), "drop_reason": None, "row_kind": "record"})
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
@@ -189,6 +206,9 @@ class RolloutReport:
     seconds: float = 0.0
     supervised_tokens: int = 0
     shards: list[str] = field(default_factory=list)
+    load_seconds: float = 0.0  # the slowest actor's load of the player's weights into its engine
+    teacher_turns: int = 0  # turns the teacher wrote into the player's episodes (interventions)
+    reasoning_tokens: int = 0  # [REASON] tokens of the records written
 
     @property
     def episodes(self) -> int:
@@ -288,6 +308,8 @@ def _write_batch(rows: list[dict[str, Any]], writer: ShardWriter, report: Rollou
     window_drops: dict[str, set[str]] = {}
     for row in rows:
         reason, kind = row.pop("drop_reason"), row.pop("row_kind")
+        if kind != "episode":
+            row.pop("load_seconds")
         tokens = row.pop("generated_tokens")
         if reason is not None:
             report.dropped[reason] += 1
@@ -296,6 +318,8 @@ def _write_batch(rows: list[dict[str, Any]], writer: ShardWriter, report: Rollou
             report.episodes_by_env[row["env"]] += 1
             report.won_by_env[row["env"]] += bool(row["success"])
             report.steps += int(row["steps"] or 0)
+            report.load_seconds = max(report.load_seconds, float(row.pop("load_seconds") or 0.0))
+            report.teacher_turns += len(row.pop("teacher_turns") or ())
             episodes[row["id"]] = {**row, "reason": reason}
         elif kind == "drop":
             window_drops.setdefault(episode_id(row["id"]), set()).add(reason)
@@ -305,6 +329,7 @@ def _write_batch(rows: list[dict[str, Any]], writer: ShardWriter, report: Rollou
             written[episode_id(record.id)] += 1
             report.written += 1
             report.supervised_tokens += int(record.supervised.sum())
+            report.reasoning_tokens += record.reasoning_length
     for ep, row in episodes.items():
         # A kept episode with no record here and no dropped window either may have its records in a later
         # block: leave it out of the ledger (at worst a rerun plays it again).

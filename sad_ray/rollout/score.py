@@ -44,6 +44,8 @@ def score_episodes(
     score_batch: int = 16,
     context_chars: int | None = None,
     teacher_model: str | None = None,
+    policy: str = "teacher",
+    round: int = 0,
 ) -> Iterator[TrajectoryRecord]:
     """Records for the episodes that pass; every drop is counted by reason in `report` (and told to `on_drop`).
 
@@ -51,6 +53,9 @@ def score_episodes(
 
     With `context_chars`, a chat longer than that is cut into windows the way the agent loop sees it
     (`episode_windows`): one record per window, ids `<episode id>#w<n>`, each assistant turn supervised once.
+
+    `policy` and `round` say who played the episodes (the teacher, or the student in an on-policy round); an
+    episode's `teacher_turns` become each record's indices of the turns the teacher wrote.
     """
     report = report if report is not None else ScoreReport()
     teacher = teacher_model or engine_teacher_id(engine)
@@ -63,8 +68,11 @@ def score_episodes(
     pending: list[tuple[Episode, MaskResult]] = []
     for episode in episodes:
         windows = episode_windows(episode.turns, context_chars)
+        # A window holds the episode's own turn objects: the teacher's turns are found in it by identity.
+        written = {id(episode.turns[i]) for i in episode.teacher_turns}
         for n, (chat, supervised_turns) in enumerate(windows):
-            ep = episode if len(windows) == 1 else replace(episode, id=window_id(episode.id, n), turns=tuple(chat))
+            ep = replace(episode, id=episode.id if len(windows) == 1 else window_id(episode.id, n), turns=tuple(chat),
+                         teacher_turns=tuple(i for i, t in enumerate(chat) if id(t) in written))
             masks = build_masks(tokenizer, list(ep.turns), fmt, on_unparsed=on_unparsed,
                                 supervised_turns=None if len(windows) == 1 else set(supervised_turns))
             report.segmentation_issues.update(masks.issues)
@@ -78,9 +86,9 @@ def score_episodes(
             else:
                 pending.append((ep, masks))
             if len(pending) >= score_batch:
-                yield from _scored(pending, engine, top_k, fingerprint, report, teacher)
+                yield from _scored(pending, engine, top_k, fingerprint, report, teacher, policy, round)
                 pending = []
-    yield from _scored(pending, engine, top_k, fingerprint, report, teacher)
+    yield from _scored(pending, engine, top_k, fingerprint, report, teacher, policy, round)
 
 
 def engine_teacher_id(engine: Engine) -> str:
@@ -92,7 +100,7 @@ def engine_teacher_id(engine: Engine) -> str:
 
 def _scored(
     pending: list[tuple[Episode, MaskResult]], engine: Engine, top_k: int, fingerprint: str,
-    report: ScoreReport, teacher: str,
+    report: ScoreReport, teacher: str, policy: str, round: int,
 ) -> Iterator[TrajectoryRecord]:
     """One engine call scores the whole batch (vLLM batches the prefills)."""
     if not pending:
@@ -105,5 +113,6 @@ def _scored(
             input_ids=masks.input_ids, reason_mask=masks.reason_mask, act_mask=masks.act_mask,
             topk_ids=ids, topk_logprobs=lp, tail_logprob=tail, success=ep.success, reward=ep.reward,
             steps=ep.steps, teacher_entropy=float(np.mean(bucket_entropy(lp, tail))),
-            teacher_model=teacher, tokenizer_fingerprint=fingerprint,
+            teacher_model=teacher, tokenizer_fingerprint=fingerprint, policy=policy, round=round,
+            teacher_turns=tuple(ep.teacher_turns),
         )

@@ -32,7 +32,7 @@ from sad_ray.atomic import replace_dir
 from sad_ray.console import clock
 from sad_ray.method.curriculum import CurriculumConfig
 from sad_ray.method.losses import LossConfig
-from sad_ray.records import shard_paths
+from sad_ray.records import COMMON_COLUMNS, shard_paths
 from sad_ray.resources import check_resources
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class DataSummary:
     skipped: tuple[str, ...] = ()  # shards left out as unreadable (bad_shards="skip")
 
 
-def scan_records(records_dir: str | Path, split: str = "train", teacher: str | None = None,
+def scan_records(records_dir: str | Path | Sequence[str | Path], split: str = "train", teacher: str | None = None,
                  bad_shards: str = "refuse") -> DataSummary:
     """Validate every record (streamed shard by shard, nothing kept) and summarise the split to train on.
 
@@ -136,10 +136,13 @@ def scan_records(records_dir: str | Path, split: str = "train", teacher: str | N
     """
     from sad_ray.records import RecordError, iter_records, teacher_mismatch
 
-    if not storage.exists(records_dir):
-        raise TrainSetupError(f"records directory {records_dir} does not exist")
-    if not shard_paths(records_dir):
-        raise TrainSetupError(f"records directory {records_dir} holds no record shards (part-*.parquet)")
+    folders = [records_dir] if isinstance(records_dir, (str, Path)) else list(records_dir)
+    for folder in folders:
+        if not storage.exists(folder):
+            raise TrainSetupError(f"records directory {folder} does not exist")
+        if not shard_paths(folder):
+            raise TrainSetupError(f"records directory {folder} holds no record shards (part-*.parquet)")
+    records_dir = ", ".join(map(str, folders))  # for messages
     if bad_shards not in ("refuse", "skip"):
         raise TrainSetupError(f"bad_shards must be 'refuse' or 'skip', got {bad_shards!r}")
     feats: list[tuple[int, int, float]] = []
@@ -149,7 +152,7 @@ def scan_records(records_dir: str | Path, split: str = "train", teacher: str | N
     skipped: list[str] = []
     other = 0
     first_teacher: tuple[str, Path] | None = None  # without an expected teacher: the first record's, and its file
-    for shard in shard_paths(records_dir):
+    for shard in [s for folder in folders for s in shard_paths(folder)]:
         rows: list[tuple[int, int, float]] = []
         shard_ids: list[str] = []
         shard_fps: set[str] = set()
@@ -749,7 +752,7 @@ def _check_resources(s: TrainConfig) -> None:
 
 
 def train_on_records(
-    records_dir: str | Path,
+    records_dir: str | Path | Sequence[str | Path],
     student_dir: str | Path,
     out_dir: str | Path,
     settings: TrainConfig,
@@ -768,7 +771,8 @@ def train_on_records(
     on one-hot demonstration records); the trained model lands in `final_dir` (default `out_dir/student`),
     checkpoints in `out_dir/ray_train/<run_name>-<run identity>`.
 
-    Each of `records_dir`, `student_dir`, `out_dir` and `final_dir` is a local path or a URI (sad_ray.storage):
+    `records_dir` is one records folder or several (on-policy rounds train on a round's records plus a sample of the
+    teacher's). Each of them, `student_dir`, `out_dir` and `final_dir` is a local path or a URI (sad_ray.storage):
     workers read the records through Ray Data and stage the start model on their node; Ray Train persists the
     checkpoints to the URI and restores from it on whatever node a restarted worker lands.
 
@@ -811,8 +815,9 @@ def train_on_records(
 
     # Each worker keeps the rows of `settings.split` from its own shard (see _load_shard).
     fs = storage.resolve(summary.shards[0])[0] if storage.is_remote(summary.shards[0]) else None
+    # The columns every schema version has (the trainer needs no more): folders that mix versions read as one.
     dataset = ray.data.read_parquet([storage.resolve(p)[1] for p in summary.shards] if fs else list(summary.shards),
-                                    filesystem=fs, num_cpus=0.25)
+                                    filesystem=fs, num_cpus=0.25, columns=COMMON_COLUMNS)
     ray_train_root, ray_train_run = storage.join(out_dir, "ray_train"), f"{run_name}-{run_id}"
     drop_unregistered_checkpoints(storage.join(ray_train_root, ray_train_run))
     with relay() as console:  # the workers' log lines, shown on this console
