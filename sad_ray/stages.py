@@ -385,7 +385,8 @@ def stage_train(cfg: Config, folders: TeacherFolders, student_init: Path | str, 
         mlflow.set_tag("sad_ray.run_identity", identity)
         marker = storage.join(final, "sad_ray_registered.json")
         registered = json.loads(storage.read_bytes(marker)) if storage.is_file(marker) else {}
-        if register and registered.get("run") != identity or registered.get("name") != cfg.tracking.register_student_as:
+        if register and (registered.get("run") != identity
+                         or registered.get("name") != cfg.tracking.register_student_as):
             version = tracking.register_model(storage.stage(final), cfg.tracking.register_student_as,
                                               tags={**tags, "sad_ray.run_identity": identity})
             # `mlflow_run_id`: the child run that trained and registered it (a rerun's own finds it here)
