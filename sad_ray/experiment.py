@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,12 @@ log = logging.getLogger(__name__)
 
 TEACHER = "teacher"
 MANIFEST = "manifest.json"
+
+
+# What the report keeps of each on-policy round (sad_ray.onpolicy's round figures).
+ROUND_FIGURES = ("round", "episodes", "won", "success_rate", "records", "mixed_records", "divergence",
+                 "divergence_reason", "divergence_act", "reasoning_tokens_per_turn", "teacher_turns",
+                 "weight_sync_seconds", "rollout_seconds", "train_seconds")
 
 
 def agent_name(arm: ArmConfig, seed: int) -> str:
@@ -94,7 +101,9 @@ def run_experiment(cfg: Config, serve_models: ServeModels, only: Sequence[str] =
     done: list[str] = []
     with tracking.job_run(cfg, "experiment", {"teacher": folders.teacher_id, "experiment": exp.name}) as run:
         student_init, _ = stage_models(cfg, folders)
-        stage_records(cfg, folders)
+        start = time.perf_counter()
+        # The teacher's records: the off-policy arms' data (and part of their compute, when made now).
+        records_seconds = time.perf_counter() - start if stage_records(cfg, folders).kept else None
         for i, (arm, seed) in enumerate(todo, 1):
             name = agent_name(arm, seed)
             acfg = arm_config(cfg, arm, seed)
@@ -105,6 +114,8 @@ def run_experiment(cfg: Config, serve_models: ServeModels, only: Sequence[str] =
                 train = {**{k: summary.get(k) for k in ("steps", "seconds", "loss", "tokens_per_second",
                                                          "run_identity")},
                          "mlflow_run_id": summary["registered"].get("mlflow_run_id")}
+                if "rounds" in summary:  # on-policy: each round's figures (sad_ray.onpolicy)
+                    train["rounds"] = [{k: f.get(k) for k in ROUND_FIGURES} for f in summary["rounds"]]
             else:
                 source, train = str(student_init), {}
             evaluation = evaluation_stage(acfg, folders.teacher, [Agent(name, source)], eval_dir, serve_models)
@@ -112,7 +123,7 @@ def run_experiment(cfg: Config, serve_models: ServeModels, only: Sequence[str] =
                      {k: round(v.get("success", 0.0), 3) for k, v in evaluation["agents"].items()})
             if results is not None:
                 publish(results, eval_dir, cfg, acfg, arm, seed, train, run.info.run_id, folders.teacher_id,
-                        folders.teacher, host_summary(cfg.precision))
+                        folders.teacher, host_summary(cfg.precision), records_seconds)
             done.append(name)
         report = None
         if results is not None and exp.report:
@@ -122,7 +133,8 @@ def run_experiment(cfg: Config, serve_models: ServeModels, only: Sequence[str] =
 
 
 def publish(results: Path, eval_dir, cfg: Config, acfg: Config, arm: ArmConfig, seed: int, train: dict,
-            job_run_id: str, teacher_id: str, teacher_dir: Path, host: dict) -> None:
+            job_run_id: str, teacher_id: str, teacher_dir: Path, host: dict,
+            records_seconds: float | None = None) -> None:
     """Copy the teacher's and this (arm, seed)'s stored results into `results` and record them in its manifest
     (settings, compute, run ids), replacing any earlier entry of the same (arm, seed). Results made against
     another teacher evaluation (other tasks, settings or teacher) no longer pair with it: they are dropped, with
@@ -164,6 +176,8 @@ def publish(results: Path, eval_dir, cfg: Config, acfg: Config, arm: ArmConfig, 
         "baseline": cfg.experiment.baseline, "job_mlflow_run_id": job_run_id,
         "eval": to_dict(cfg)["eval"], "segment": to_dict(cfg)["segment"],
     })
+    if records_seconds is not None:  # made by this job (a rerun that found them keeps the time they took)
+        manifest["records_seconds"] = records_seconds
     manifest.setdefault("arms", {})[arm.name] = {"set": list(arm.set), "train": arm.train, "note": arm.note,
                                                 "order": [a.name for a in cfg.experiment.arms].index(arm.name)}
     before = manifest.setdefault("runs", {}).get(name, {})
@@ -258,8 +272,8 @@ def render_results(results: Path, plots_dir: Path | None = None, report_dir: Pat
              f"Regenerated from `{_shown(results)}` by `python jobs/experiment.py --report-only --config "
              f"<the experiment's config>`; do not edit by hand.", ""]
     lines += _headline(differences, baseline)
-    lines += ["## Arms", "", "| arm | seeds | what it changes | training per seed | evaluation per seed |",
-              "|---|---|---|---|---|"]
+    lines += ["## Arms", "", "| arm | seeds | what it changes | compute per seed (training; on-policy: rounds of "
+              "play, scoring and training) | evaluation per seed |", "|---|---|---|---|---|"]
     for arm in arms:
         entries = [manifest["runs"][f"{arm.name}-seed{s}"] for s in sorted(arm.seeds)]
         train_s = [e["train"].get("seconds") or 0.0 for e in entries]
@@ -275,6 +289,7 @@ def render_results(results: Path, plots_dir: Path | None = None, report_dir: Pat
               "Per-seed success (over all held-out tasks): " + "; ".join(
                   f"{a.name} " + ", ".join(f"s{s} {_rate(r)}" for s, r in sorted(a.seeds.items())) for a in arms),
               "", report.markdown(table, differences, eval_cfg)]
+    lines += _rounds_table(manifest)
     hosts = {json.dumps(e["host"], sort_keys=True) for e in manifest["runs"].values()}
     lines += ["## Compute", ""]
     for h in sorted(hosts):
@@ -283,7 +298,12 @@ def render_results(results: Path, plots_dir: Path | None = None, report_dir: Pat
                      f"{host.get('cpus', '?')} CPUs")
     total = sum((e["train"].get("seconds") or 0.0) + e["eval_seconds"] for e in manifest["runs"].values())
     lines += [f"- {total / 3600:.2f} h of training and evaluation in all "
-              f"({len(manifest['runs'])} runs), records and teacher not counted", "",
+              f"({len(manifest['runs'])} runs), records and teacher not counted"]
+    if manifest.get("records_seconds") is not None:
+        lines.append(f"- the teacher's records, which every off-policy arm trains on: "
+                     f"{_minutes(manifest['records_seconds'])} (add it to an off-policy arm's compute to compare "
+                     "with an on-policy arm's)")
+    lines += ["",
               "## MLflow", "", f"- the experiment's job run: `{manifest.get('job_mlflow_run_id')}`"]
     lines += [f"- {name}: training run `{e['train'].get('mlflow_run_id')}`" for name, e in sorted(manifest["runs"].items())
               if e["train"].get("mlflow_run_id")]
@@ -293,6 +313,29 @@ def render_results(results: Path, plots_dir: Path | None = None, report_dir: Pat
         base = report_dir if report_dir is not None else Path.cwd()
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({os.path.relpath(p, base)})" for p in written]
     return "\n".join(lines) + "\n"
+
+
+def _rounds_table(manifest: dict) -> list[str]:
+    """On-policy runs' figures round by round (none: no lines)."""
+    rows = []
+    for name, entry in sorted(manifest["runs"].items()):
+        for f in entry["train"].get("rounds") or ():
+            rate = "n/a" if f.get("success_rate") is None else f"{100 * f['success_rate']:.0f}%"
+            rows.append(f"| {name} | {f['round']} | {rate} of {f['episodes']} | {f['records']} | "
+                        f"{f.get('divergence', 0.0):.3f} ({f.get('divergence_reason', 0.0):.3f} / "
+                        f"{f.get('divergence_act', 0.0):.3f}) | {f['reasoning_tokens_per_turn']:.1f} | "
+                        f"{f['teacher_turns']} | {f['weight_sync_seconds']:.1f} s | {_minutes(f['rollout_seconds'])} | "
+                        f"{_minutes(f['train_seconds'])} |")
+    if not rows:
+        return []
+    return ["## On-policy rounds", "",
+            "The student's own play on training tasks, round by round: its success, its divergence from the teacher on "
+            "its own turns before training on them (token mean of the arm's loss.divergence, all / [REASON] / [ACT]), "
+            "[REASON] tokens per turn, turns the teacher wrote, the weight sync (loading the round's player into the "
+            "rollout engines) and the time of play plus scoring, and of training.", "",
+            "| run | round | success (training tasks) | records | divergence (all / reason / act) | reasoning "
+            "tokens per turn | teacher turns | weight sync | play + scoring | training |",
+            "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def _headline(differences, baseline: str) -> list[str]:
@@ -325,12 +368,31 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+REPORT_HEAD = ("# Results\n\nOne section per experiment, each regenerated from that experiment's stored results by "
+               "`python jobs/experiment.py --report-only --config <its config>`; do not edit by hand.\n")
+
+
+def report_section(text: str, name: str, body: str) -> str:
+    """A report file's `text` ("" for a new one) with experiment `name`'s section replaced by `body` (its headings
+    one level down), or added at the end: the sections of other experiments are kept as they are."""
+    begin, end = f"<!-- experiment {name}: regenerated, do not edit -->", f"<!-- /experiment {name} -->"
+    demoted = "\n".join("#" + line if line.startswith("#") else line for line in body.rstrip("\n").splitlines())
+    section = f"{begin}\n{demoted}\n{end}"
+    if begin in text and end in text[text.index(begin):]:
+        before, rest = text.split(begin, 1)
+        return before + section + rest.split(end, 1)[1]
+    return (text if text.strip() else REPORT_HEAD).rstrip("\n") + "\n\n" + section + "\n"
+
+
 def write_results(results: Path, report_path: Path) -> Path:
-    """Regenerate `report_path` (and its plots beside it, in `<stem>-plots/`) from `results`."""
-    plots = report_path.parent / f"{report_path.stem}-plots"
+    """Regenerate the results' experiment's section of `report_path` (and its plots beside it, in
+    `<stem>-plots/<experiment>/`) from `results`; other experiments' sections in the file stay."""
+    name = _read_manifest(results).get("experiment") or results.name
+    plots = report_path.parent / f"{report_path.stem}-plots" / name
     text = render_results(results, plots, report_path.parent)
+    old = report_path.read_text() if report_path.is_file() else ""
     with replacing_file(report_path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(report_section(old, name, text))
     return report_path
 
 

@@ -116,14 +116,19 @@ def test_the_report_is_regenerated_from_the_stored_results_alone(grid):
     tmp, cfg, *_ = grid
     report = tmp / "docs" / "RESULTS.md"
     text = report.read_text()
-    assert "## Headline: each arm minus untrained, task by task" in text
+    assert "### Headline: each arm minus untrained, task by task" in text  # a section of its own
     for env in ("webshop", "hotpotqa", "all"):  # sad paired with the baseline's play of the same tasks
         assert f"| sad | {env} | 1 |" in text if env != "all" else "| sad | all | 2 |" in text
     assert "| teacher | all | all |" in text and "| sad | all | all |" in text
-    assert "Per-seed success" in text and "## Compute" in text and "## MLflow" in text
-    assert (tmp / "docs" / "RESULTS-plots" / "success_vs_latency.png").is_file()
+    assert "Per-seed success" in text and "### Compute" in text and "### MLflow" in text
+    assert (tmp / "docs" / "RESULTS-plots" / "smoke" / "success_vs_latency.png").is_file()
     # Everything the job wrote besides the stored results gone: the report comes back the same.
     shutil.rmtree(tmp / "out")
     report.unlink()
     report_only(cfg)
     assert report.read_text() == text
+    # Another experiment's section in the same file is kept when this one is regenerated.
+    other = "<!-- experiment other: regenerated, do not edit -->\n## Other\n<!-- /experiment other -->\n"
+    report.write_text(text + "\n" + other)
+    report_only(cfg)
+    assert report.read_text() == text + "\n" + other
