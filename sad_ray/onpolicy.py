@@ -69,9 +69,8 @@ def settings_key(cfg: Config, student_init: Path | str) -> str:
 
 def run_on_policy(cfg: Config, folders: TeacherFolders, student_init: Path | str, name: str | None = None) -> dict:
     """Every round of the on-policy run `name` (default `onpolicy-<objective>-seed<seed>`), the finished ones read
-    back; returns the
-    summary the distill job and the experiment read (`student_dir`: the last round's student, `seconds`: rollouts,
-    scoring and training of every round together, and each round's figures under `rounds`)."""
+    back; returns the summary the distill job and the experiment read (`student_dir`: the last round's student,
+    `seconds`: play, scoring, divergence and training of every round together; each round's figures in `rounds`)."""
     from sad_ray.stages import training_run_name
 
     op = cfg.on_policy
