@@ -186,7 +186,8 @@ def publish(results: Path, eval_dir, cfg: Config, acfg: Config, arm: ArmConfig, 
         "host": before["host"] if before.get("key") == keys[name] and "host" in before else host,
         # the agent's own evaluation time as stored (a rerun that reuses it keeps the time it took)
         "eval_seconds": json.loads((results / "agents" / name / "run.json").read_text())["seconds"],
-        "config": {k: v for k, v in to_dict(acfg).items() if k in ("loss", "curriculum", "train", "models")},
+        "config": {k: v for k, v in to_dict(acfg).items()
+                   if k in ("loss", "curriculum", "train", "models", "on_policy", "rollout")},
     }
     with replacing_file(results / MANIFEST) as tmp:
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
@@ -272,8 +273,12 @@ def render_results(results: Path, plots_dir: Path | None = None, report_dir: Pat
              f"Regenerated from `{_shown(results)}` by `python jobs/experiment.py --report-only --config "
              f"<the experiment's config>`; do not edit by hand.", ""]
     lines += _headline(differences, baseline)
-    lines += ["## Arms", "", "| arm | seeds | what it changes | compute per seed (training; on-policy: rounds of "
-              "play, scoring and training) | evaluation per seed |", "|---|---|---|---|---|"]
+    records_s = manifest.get("records_seconds")
+    lines += ["## Arms", "", "Compute per seed: training (on-policy: its rounds of play, scoring and training); "
+              "with the teacher's records: plus the time the teacher's records took, for every arm that trains on "
+              "them (off-policy, or on-policy mixing them in), the figure to compare arms by.", "",
+              "| arm | seeds | what it changes | compute per seed | with the teacher's records | evaluation per seed |",
+              "|---|---|---|---|---|---|"]
     for arm in arms:
         entries = [manifest["runs"][f"{arm.name}-seed{s}"] for s in sorted(arm.seeds)]
         train_s = [e["train"].get("seconds") or 0.0 for e in entries]
@@ -284,7 +289,8 @@ def render_results(results: Path, plots_dir: Path | None = None, report_dir: Pat
             what = "untrained (the student-init)"
         lines.append(f"| {arm.name} | {', '.join(map(str, sorted(arm.seeds)))} | {what}"
                      f"{' (' + info['note'] + ')' if info.get('note') else ''} | "
-                     f"{_minutes(sum(train_s) / len(train_s))} | {_minutes(sum(eval_s) / len(eval_s))} |")
+                     f"{_minutes(sum(train_s) / len(train_s))} | {_with_records(entries, train_s, records_s)} | "
+                     f"{_minutes(sum(eval_s) / len(eval_s))} |")
     lines += ["", "## Per arm, every environment", "",
               "Per-seed success (over all held-out tasks): " + "; ".join(
                   f"{a.name} " + ", ".join(f"s{s} {_rate(r)}" for s, r in sorted(a.seeds.items())) for a in arms),
@@ -294,15 +300,16 @@ def render_results(results: Path, plots_dir: Path | None = None, report_dir: Pat
     lines += ["## Compute", ""]
     for h in sorted(hosts):
         host = json.loads(h)
-        lines.append(f"- {host.get('cpu_model', '?')}, precision {host.get('precision_resolved', '?')}, "
-                     f"{host.get('cpus', '?')} CPUs")
+        cpus = f", {host['cpus']} CPUs" if host.get("cpus") else ""
+        lines.append(f"- {host.get('cpu_model', '?')} (bf16 CPU flags: {host.get('cpu_bf16_flags', '?')}{cpus}), "
+                     f"precision {host.get('precision_resolved', '?')}")
     total = sum((e["train"].get("seconds") or 0.0) + e["eval_seconds"] for e in manifest["runs"].values())
     lines += [f"- {total / 3600:.2f} h of training and evaluation in all "
               f"({len(manifest['runs'])} runs), records and teacher not counted"]
     if manifest.get("records_seconds") is not None:
-        lines.append(f"- the teacher's records, which every off-policy arm trains on: "
-                     f"{_minutes(manifest['records_seconds'])} (add it to an off-policy arm's compute to compare "
-                     "with an on-policy arm's)")
+        lines.append(f"- the teacher's records, which the off-policy arms and the on-policy arms mixing them in "
+                     f"train on: {_minutes(manifest['records_seconds'])} (in the arms' compute \"with the teacher's "
+                     "records\")")
     lines += ["",
               "## MLflow", "", f"- the experiment's job run: `{manifest.get('job_mlflow_run_id')}`"]
     lines += [f"- {name}: training run `{e['train'].get('mlflow_run_id')}`" for name, e in sorted(manifest["runs"].items())
@@ -355,6 +362,23 @@ def _headline(differences, baseline: str) -> list[str]:
 def _rate(run: AgentRun) -> str:
     n = len(run.episodes)
     return f"{sum(e.success for e in run.episodes)}/{n}" if n else "n/a"
+
+
+def uses_teacher_records(config: dict) -> bool:
+    """Whether a run trained on the teacher's records (stored config sections): every off-policy run, and an
+    on-policy one mixing them in (on_policy.fraction < 1)."""
+    if config.get("loss", {}).get("mode", "off_policy") != "on_policy":
+        return True
+    return float(config.get("on_policy", {}).get("fraction", 1.0)) < 1.0
+
+
+def _with_records(entries: list[dict], train_s: list[float], records_s: float | None) -> str:
+    if not entries[0]["train"]:  # an untrained arm
+        return "-"
+    mean = sum(train_s) / len(train_s)
+    if not uses_teacher_records(entries[0].get("config", {})):
+        return _minutes(mean)
+    return "? (the records' time was not measured)" if records_s is None else _minutes(mean + records_s)
 
 
 def _minutes(seconds: float) -> str:

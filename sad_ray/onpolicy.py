@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import heapq
 import json
 import logging
 import random
@@ -138,7 +139,8 @@ def play_and_train_round(cfg: Config, folders: TeacherFolders, r: int, player: P
                   "seconds": time.perf_counter() - start}
         storage.write_bytes(play_file, json.dumps(played).encode())
     rollout_seconds = played["seconds"]  # the attempt that finished the play (a resumed one: its own part)
-    outcome = play_outcome(records)
+    start = time.perf_counter()
+    outcome = play_outcome(records, sample=op.divergence_records)
     log.info("on-policy round %d: the player won %d of %d episodes; %d records", r, outcome["won"],
              outcome["episodes"], outcome["records"])
     if not outcome["records"]:
@@ -146,8 +148,7 @@ def play_and_train_round(cfg: Config, folders: TeacherFolders, r: int, player: P
                            f"record to train on (every one dropped: {outcome['dropped']}); see data.max_tokens and "
                            f"the segment section")
 
-    start = time.perf_counter()
-    sample = sorted(iter_records(records), key=lambda rec: rec.id)[:op.divergence_records]
+    sample = outcome.pop("sample")
     divergence = turn_divergence(player, sample, cfg) if sample else {}
     divergence_seconds = time.perf_counter() - start
 
@@ -176,18 +177,29 @@ def play_and_train_round(cfg: Config, folders: TeacherFolders, r: int, player: P
     }
 
 
-def play_outcome(records: Path | str) -> dict[str, Any]:
-    """A round's play read back from its folder (so a resumed round counts every episode, not just the rest):
-    episodes, won, records, the episodes that left no record by reason, and [REASON] tokens per student turn."""
+def play_outcome(records: Path | str, sample: int = 0) -> dict[str, Any]:
+    """A round's play read back from its folder in one pass (so a resumed round counts every episode, not just the
+    rest): episodes, won, records, the episodes that left no record by reason, [REASON] tokens per student turn,
+    and `sample`: the first `sample` records by id (the round's divergence is measured on them)."""
     won: dict[str, bool] = {}
     steps: dict[str, int] = {}
     reasoning = n = 0
-    if storage.exists(records) and shard_paths(records):
-        for rec in iter_records(records):
+
+    def counted(recs):
+        nonlocal reasoning, n
+        for rec in recs:
             ep = episode_id(rec.id)
             won[ep], steps[ep] = rec.success, rec.steps
             reasoning += rec.reasoning_length
             n += 1
+            yield rec
+
+    chosen: list[TrajectoryRecord] = []
+    if storage.exists(records) and shard_paths(records):
+        recs = counted(iter_records(records))
+        chosen = heapq.nsmallest(sample, recs, key=lambda rec: rec.id)
+        for _ in recs:  # nsmallest(0, ...) reads nothing
+            pass
     dropped: dict[str, int] = {}
     for ep, reason in dropped_episodes(records).items() if storage.exists(records) else ():
         if ep not in won:
@@ -195,7 +207,7 @@ def play_outcome(records: Path | str) -> dict[str, Any]:
             won[ep] = False
     turns = sum(steps.values())
     return {"episodes": len(won), "won": sum(won.values()), "records": n, "dropped": dropped,
-            "reasoning_tokens_per_turn": reasoning / turns if turns else 0.0}
+            "reasoning_tokens_per_turn": reasoning / turns if turns else 0.0, "sample": chosen}
 
 
 def mix_in_teacher_records(teacher_records: Path | str, rdir: Path | str, own: int, fraction: float,

@@ -9,6 +9,7 @@ on both kinds of CPU, so it cannot tell them apart; the CPU flags can.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 from collections.abc import Iterable
 from functools import lru_cache
@@ -96,7 +97,8 @@ def host_summary(setting: str, device: Literal["cpu", "cuda"] = "cpu") -> dict[s
     """What to log next to any timing: the setting, what it resolved to, and why (CPU model, bf16 flags)."""
     resolved = resolve_precision(setting, device)
     summary = {"precision": setting, "precision_resolved": resolved, "device": device, "cpu_model": cpu_model(),
-               "cpu_bf16_flags": ",".join(sorted(cpu_flags() & BF16_CPU_FLAGS)) or "none"}
+               "cpu_bf16_flags": ",".join(sorted(cpu_flags() & BF16_CPU_FLAGS)) or "none",
+               "cpus": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())}
     if device == "cuda":
         import torch
 
