@@ -234,8 +234,8 @@ class OnPolicyConfig:
     # The share of each round's training records that are the student's own (GKD's λ); the rest are a sample of
     # the teacher's off-policy records (the `data` section's), drawn anew each round. 1: on-policy only.
     fraction: float = 1.0
-    # The teacher writes an episode's next turn after this many consecutive turns that got nowhere (no parseable
-    # action, or "Nothing happens." / "Invalid action"); the turn is recorded in the records' teacher_turns. 0: never.
+    # The teacher writes an episode's next turn (greedily) after this many consecutive turns that got nowhere (no
+    # parseable action, or "Nothing happens." / "Invalid action"); the records' teacher_turns list them. 0: never.
     intervene_after: int = 0
     # Records of each round on which the teacher-student divergence of the round's player is measured.
     divergence_records: int = 32

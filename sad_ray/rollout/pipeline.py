@@ -162,7 +162,11 @@ class RolloutActor:
         def new_env(name: str):
             return make_env(name, **{"max_steps": self.cfg.max_steps, **self.env_kwargs.get(name, {})})
 
-        intervention = (Intervention(self.scorer, self.seg.intervene_after, play_cfg.sampling)
+        # The teacher steps in with its greedy turn, whatever the player samples at: its best move out of the stall
+        # (sampled at temperature 1, the quick teacher's turns often ran to max_new_tokens in the scorer's
+        # transformers copy, and a round's play took over 3x as long).
+        intervention = (Intervention(self.scorer, self.seg.intervene_after,
+                                     replace(play_cfg.sampling, temperature=0.0))
                         if self.seg.intervene_after else None)
         # All environments' tasks share one in-flight batch: bigger engine batches, one pass.
         for ep in play(self.engine, new_env, tasks, play_cfg, PlayStats(), intervention):
