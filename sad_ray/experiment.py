@@ -337,9 +337,10 @@ def _rounds_table(manifest: dict) -> list[str]:
         return []
     return ["## On-policy rounds", "",
             "The student's own play on training tasks, round by round: its success, its divergence from the teacher on "
-            "its own turns before training on them (token mean of the arm's loss.divergence, all / [REASON] / [ACT]), "
-            "[REASON] tokens per turn, turns the teacher wrote, the weight sync (loading the round's player into the "
-            "rollout engines) and the time of play plus scoring, and of training.", "",
+            "the round's turns before training on them (token mean of the arm's loss.divergence, all / [REASON] / "
+            "[ACT]; with teacher intervention the turns the teacher wrote are among them), [REASON] tokens per turn, "
+            "turns the teacher wrote, the weight sync (loading the round's player into the rollout engines) and the "
+            "time of play plus scoring, and of training.", "",
             "| run | round | success (training tasks) | records | divergence (all / reason / act) | reasoning "
             "tokens per turn | teacher turns | weight sync | play + scoring | training |",
             "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]

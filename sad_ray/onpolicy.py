@@ -237,9 +237,9 @@ def mix_in_teacher_records(teacher_records: Path | str, rdir: Path | str, own: i
 
 
 def turn_divergence(model_dir: Path | str, records: Sequence[TrajectoryRecord], cfg: Config) -> dict[str, float]:
-    """The player's divergence from the teacher on its own turns, in `loss.divergence` (reverse KL by default), as
-    token means over the [REASON] and [ACT] spans of `records` and over both: measured in a Ray task that asks for
-    what a training worker does."""
+    """The player's divergence from the teacher on the round's turns (its own, and any the teacher wrote when it
+    stepped in), in `loss.divergence` (reverse KL by default), as token means over the [REASON] and [ACT] spans of
+    `records` and over both: measured in a Ray task that asks for what a training worker does."""
     import ray
 
     from sad_ray.console import init_ray
