@@ -145,7 +145,7 @@ class VLLMAsyncEngine:
 
     def __init__(self, model_dir: Path, spec: ModelSpec, precision: str) -> None:
         from sad_ray.precision import dtype_name, log_choice
-        from sad_ray.rollout.engines import EngineConfig, prepare_vllm_env
+        from sad_ray.rollout.engines import EngineConfig, prepare_vllm_env, vllm_scheduler_args
 
         # The CPU build's traps (KV cache size, cache and socket dirs) are handled as for rollouts.
         prepare_vllm_env(EngineConfig(kv_cache_gib=spec.kv_cache_gib, cpu_threads_bind=spec.cpu_threads_bind,
@@ -158,6 +158,7 @@ class VLLMAsyncEngine:
             model=str(model_dir), dtype=dtype_name(self.precision), enforce_eager=spec.enforce_eager,
             max_model_len=spec.max_model_len, trust_remote_code=spec.trust_remote_code, load_format="safetensors",
             tensor_parallel_size=spec.tensor_parallel_size, seed=0, disable_log_stats=True,
+            **vllm_scheduler_args(spec.max_model_len),
         ))
         self.tokenizer = self.engine.get_tokenizer()
         self._closed = False

